@@ -1,0 +1,1 @@
+"""Shared plumbing for every stage: errors, MLflow runs, checkpoints, devices, options, images."""

@@ -1,0 +1,123 @@
+"""Manifests, the image dataset, and a resumable sharded sampler shared by both training stages."""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision import transforms
+
+from core.errors import UserError
+from core.images import check_image, load_rgb
+
+SPLITS = ("train", "val")
+
+
+def hash_split(key: str, val_fraction: float) -> str:
+    """Deterministic split: the same path lands in the same split on every machine and run."""
+    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: bool = False,
+                  check_files: bool = True) -> tuple[pd.DataFrame, int]:
+    """Load and validate a manifest.
+
+    Returns (frame, skipped): columns ``image_path`` (absolute), ``label`` (string or <NA>), ``split``,
+    ``key`` (the path as written, used for the hash split); ``skipped`` counts bad images dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        if isinstance(exc, pd.errors.EmptyDataError):
+            raise UserError(f"manifest {path} is empty; it needs a header row with image_path and one row "
+                            "per image") from None
+        raise UserError(f"cannot parse manifest {path} as CSV: {str(exc).splitlines()[0]}") from None
+    if "image_path" not in df.columns:
+        raise UserError(f"manifest {path} has no 'image_path' column (columns: {', '.join(df.columns) or 'none'}); "
+                        "add one listing the image files")
+    df = df[df["image_path"].str.strip() != ""].reset_index(drop=True)
+    if df.empty:
+        raise UserError(f"manifest {path} lists no images")
+    dup = df["image_path"].duplicated()
+    if dup.any():
+        raise UserError(f"manifest {path} lists {int(dup.sum())} duplicate image paths (first: "
+                        f"{df['image_path'][dup].iloc[0]}); remove the repeated rows")
+    base = path.resolve().parent
+    out = pd.DataFrame({
+        "key": df["image_path"],
+        "image_path": [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["image_path"]],
+        "label": df["label"].astype(str).str.strip().replace("", pd.NA) if "label" in df.columns else pd.NA,
+    })
+    if "split" in df.columns:
+        split = df["split"].str.strip().str.lower()
+        bad = ~split.isin(SPLITS)
+        if bad.any():
+            raise UserError(f"manifest {path} has split value {df['split'][bad].iloc[0]!r}; use 'train' or 'val'")
+        out["split"] = split.values
+    else:
+        out["split"] = [hash_split(k, val_fraction) for k in out["key"]]
+    skipped = 0
+    if check_files:
+        with ThreadPoolExecutor(8) as pool:
+            reasons = list(pool.map(check_image, out["image_path"]))
+        bad = [(p, r) for p, r in zip(out["key"], reasons) if r]
+        if bad and not skip_bad_images:
+            first = "; ".join(f"{p} ({r})" for p, r in bad[:3])
+            raise UserError(f"{len(bad)} of {len(out)} images are missing or unusable, first: {first}; "
+                            "fix the manifest or pass --skip-bad-images")
+        if bad:
+            out = out[[r is None for r in reasons]].reset_index(drop=True)
+            skipped = len(bad)
+            if out.empty:
+                raise UserError(f"all {skipped} images in manifest {path} are missing or unusable")
+    if not (out["split"] == "train").any():
+        raise UserError(f"manifest {path} has no training images (every row is split 'val')")
+    return out, skipped
+
+
+class ImageDataset(Dataset):
+    """Images resized on the shorter side and cropped to ``size``: random crop/flip for training, centre for eval."""
+
+    def __init__(self, paths: list[str], size: int, train: bool, flip: bool = True) -> None:
+        self.paths = list(paths)
+        crop = transforms.RandomCrop(size) if train else transforms.CenterCrop(size)
+        steps = [transforms.Resize(size, antialias=True), crop]
+        if train and flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+        self.transform = transforms.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.paths[i])), i
+
+
+class ResumableSampler(DistributedSampler):
+    """An endless DistributedSampler: epoch after epoch, sharded by rank, starting ``start`` samples in.
+
+    Training resumes with exactly the data order it would have had: the order depends only on
+    (seed, epoch), and ``start`` = samples this rank already consumed.
+    """
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int, start: int = 0,
+                 shuffle: bool = True) -> None:
+        super().__init__(range(dataset_len), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.num_samples)
+        while True:
+            self.set_epoch(epoch)
+            indices = list(super().__iter__())
+            yield from indices[offset:]
+            epoch, offset = epoch + 1, 0

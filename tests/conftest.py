@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny generated image sets, an isolated MLflow store, and CLI runners (no network)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# A tokenizer small enough to train a few steps on CPU in about a second.
+TINY_VQ = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "8",
+           "--embed-dim", "8", "--codebook-size", "32", "--perceptual-weight", "0", "--batch-size", "8",
+           "--disc-start", "2", "--val-every", "2", "--ckpt-every", "2", "--log-every", "1", "--val-batches", "1",
+           "--num-workers", "0"]
+
+
+def make_image_set(folder: Path, n: int = 24, size: int = 20, classes: tuple[str, ...] = ("red", "blue"),
+                   seed: int = 0, with_split: bool = True) -> Path:
+    """Write ``n`` small PNGs (a coloured square per class on a noisy background) and a manifest CSV."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 200, 60)}
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        arr[y:y + size // 2, x:x + size // 2] = colours.get(label, (200, 200, 200))
+        name = f"img/{label}_{i:03d}.png"
+        Image.fromarray(arr).save(folder / name)
+        split = "val" if i % 6 == 5 else "train"
+        rows.append(f"{name},{label},{split}" if with_split else f"{name},{label}")
+    header = "image_path,label,split" if with_split else "image_path,label"
+    manifest = folder / "manifest.csv"
+    manifest.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tracking_dir(tmp_path_factory) -> Path:
+    """One SQLite tracking store per test session, created up front (concurrent first use fails)."""
+    import mlflow
+
+    d = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().search_experiments()
+    return d
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    return make_image_set(tmp_path_factory.mktemp("data"))
+
+
+def invoke(*args: str):
+    """Run `cli.py ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, script: str = "cli.py",
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command as a separate process, as a user's shell would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1].strip()
+
+
+@pytest.fixture(scope="session")
+def vqvae_run(tracking_dir, dataset) -> str:
+    """A tiny trained tokenizer shared by the tests that only need one to exist."""
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4")
+    assert res.exit_code == 0, res.output
+    return last_line(res.stdout)

@@ -1,0 +1,1 @@
+"""Second stage: an autoregressive transformer over VQGAN code grids."""

@@ -1,0 +1,1 @@
+"""First stage: the VQGAN image tokenizer."""

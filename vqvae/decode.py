@@ -1,0 +1,98 @@
+"""decode: turn code grids (of a generate or quantize run, or a .npy file) into images in a new run."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from core.errors import UserError
+from core.images import grid_image, to_pil
+from core.options import build_config, config_options, config_params
+from core.runtime import setup_runtime
+from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from vqvae.tokenizer import load_tokenizer
+
+SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
+
+
+@dataclass
+class DecodeConfig:
+    run_id: str = field(default=None, metadata={"help": "A generate or quantize run whose code grids to decode."})
+    indices: str = field(default=None, metadata={"help": ".npy file of code grids (N,h,w) from elsewhere "
+                                                         "(needs --vqvae-run-id)."})
+    vqvae_run_id: str = field(default=None, metadata={"help": "Tokenizer run for --indices."})
+    split: str = field(default="val", metadata={"help": "Split to decode from a quantize run.",
+                                                "choices": ["train", "val"]})
+    max_images: int = field(default=64, metadata={"help": "Decode at most this many grids."})
+    nrow: int = field(default=8, metadata={"help": "Images per row in the grid."})
+    batch_size: int = field(default=32, metadata={"help": "Grids decoded per batch."})
+    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
+
+
+def load_codes(path: Path) -> torch.Tensor:
+    try:
+        arr = np.load(path, allow_pickle=False)  # never unpickle objects from a file we did not write
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read code grids from {path}: {str(exc).splitlines()[0]}") from None
+    if arr.dtype.kind not in "iu":
+        raise UserError(f"code grids in {path} must be integers, got {arr.dtype}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def source_codes(cfg: DecodeConfig) -> tuple[torch.Tensor, str]:
+    """(code grids, tokenizer run ID) for the chosen input."""
+    if cfg.indices:
+        if not cfg.vqvae_run_id:
+            raise UserError("--indices needs --vqvae-run-id (the tokenizer that made the codes)")
+        if not Path(cfg.indices).is_file():
+            raise UserError(f"indices file not found: {cfg.indices}")
+        get_run(cfg.vqvae_run_id, "vqvae")
+        return load_codes(Path(cfg.indices)), cfg.vqvae_run_id
+    if not cfg.run_id:
+        raise UserError("pass --run-id (a generate or quantize run) or --indices with --vqvae-run-id")
+    stage = get_run(cfg.run_id).data.tags.get("stage")
+    if stage == "generate":
+        codes = load_codes(download(cfg.run_id, SAMPLES_ARTIFACT))
+    elif stage == "quantize":
+        codes = load_codes(download(cfg.run_id, f"codes/{cfg.split}.npy"))
+    else:
+        raise UserError(f"run {cfg.run_id} is a {stage or 'non-toolkit'} run, but decode needs a generate or "
+                        "quantize run")
+    return codes, find_upstream(cfg.run_id, "vqvae").info.run_id
+
+
+def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    import mlflow
+
+    rt = setup_runtime(cfg.device)
+    connect(tracking_uri, experiment)
+    upstream = cfg.run_id or cfg.vqvae_run_id
+    with stage_run("decode", config_params(cfg), upstream_run_id=upstream) as run:
+        codes, vqvae_run = source_codes(cfg)
+        tok = load_tokenizer(vqvae_run, rt.device)
+        codes = codes[: cfg.max_images]
+        if len(codes) == 0:
+            raise UserError("there are no code grids to decode")
+        tok.check_indices(codes)
+        images = torch.cat([tok.decode(b).cpu() for b in codes.split(cfg.batch_size)])
+        out = Path(tempfile.mkdtemp(prefix="decode-"))
+        (out / "images").mkdir()
+        for i, img in enumerate(images):
+            to_pil(img).save(out / "images" / f"{i:04d}.png")
+        grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
+        mlflow.log_artifacts(str(out))
+        mlflow.log_metric("num_images", len(images))
+        return run.info.run_id
+
+
+@click.command("decode")
+@config_options(DecodeConfig)
+@with_tracking_options
+def decode_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+    """Decode code grids into PNG images and a grid (prints the run ID last)."""
+    decode(build_config(DecodeConfig, values), tracking_uri, experiment)

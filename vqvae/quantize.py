@@ -1,0 +1,134 @@
+"""quantize: encode a manifest's images into code grids, stored as artifacts of a new run (tag stage=quantize).
+
+Artifacts: ``codes/<split>.npy`` (N,h,w; uint16 when the codebook fits), ``index.csv`` (split, row → image_path,
+label, label_id), ``vocab.json`` (codebook size, grid shape, special-token ids, class → id),
+``codebook_usage.png``.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from core.data import ImageDataset, read_manifest
+from core.errors import UserError
+from core.options import build_config, config_options, config_params
+from core.runtime import setup_runtime
+from core.tracking import connect, stage_run, with_tracking_options
+from transformer.vocab import Vocab
+from vqvae.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class QuantizeConfig:
+    vqvae_run_id: str = field(default=None, metadata={"help": "Run ID of the train-vqvae stage."})
+    manifest: str = field(default=None, metadata={"help": "CSV manifest to encode (default: the tokenizer's)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per batch."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Skip missing/unreadable images."})
+    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
+    precision: str = field(default="fp32", metadata={"help": "Autocast precision.",
+                                                     "choices": ["fp32", "bf16", "fp16"]})
+
+
+def sorted_classes(labels: pd.Series) -> tuple[str, ...]:
+    """Class names in a stable order: numeric labels numerically ("2" before "10"), others alphabetically."""
+    names = sorted({str(x) for x in labels.dropna()})
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    return tuple(names)
+
+
+def encode_images(tok: Tokenizer, paths: list[str], batch_size: int, num_workers: int, rt,
+                  desc: str) -> np.ndarray:
+    """Code grids (N,h,w) int64 for image files, batched, with pinned non-blocking host→device copies."""
+    loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=rt.device.type == "cuda")
+    out = []
+    with torch.inference_mode():
+        for x, _ in tqdm(loader, desc=desc, dynamic_ncols=True):
+            with rt.autocast():
+                out.append(tok.encode(x.to(rt.device, non_blocking=True)).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, *tok.grid_shape), dtype=np.int64)
+
+
+def usage_stats(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float, float]:
+    """(counts per code, fraction of codes used, perplexity) over a set of code grids."""
+    counts = np.bincount(codes.reshape(-1), minlength=codebook_size)
+    p = counts / max(counts.sum(), 1)
+    nz = p[p > 0]
+    return counts, float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
+
+
+def usage_figure(counts: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
+    ax1.bar(np.arange(len(counts)), counts, width=1.0)
+    ax1.set(title="code frequency", xlabel="code id", ylabel="count")
+    ax2.plot(np.sort(counts)[::-1] + 1)
+    ax2.set(title="codes by frequency (rank plot)", xlabel="rank", ylabel="count + 1", yscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    rt = setup_runtime(cfg.device, cfg.precision)
+    connect(tracking_uri, experiment)
+    with stage_run("quantize", config_params(cfg), upstream_run_id=cfg.vqvae_run_id) as run:
+        tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
+        manifest = cfg.manifest or tok.cfg.manifest
+        if not cfg.manifest and not Path(manifest).is_file():
+            raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
+        df, skipped = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
+        mlflow.log_input(mlflow.data.from_pandas(df, source=str(manifest), name="manifest"), context="quantize")
+        classes = sorted_classes(df["label"])
+        vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)
+        df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
+        dtype = np.uint16 if tok.codebook_size <= 2**16 else np.int32
+        out = Path(tempfile.mkdtemp(prefix="quantize-"))
+        (out / "codes").mkdir()
+        t0, all_codes, index = time.perf_counter(), [], []
+        for split in ("train", "val"):
+            part = df[df.split == split].reset_index(drop=True)
+            codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
+            np.save(out / "codes" / f"{split}.npy", codes.astype(dtype))
+            index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label", "label_id"]])
+            all_codes.append(codes)
+        elapsed = time.perf_counter() - t0
+        pd.concat(index).to_csv(out / "index.csv", index=False)
+        (out / "vocab.json").write_text(vocab.to_json())
+        mlflow.log_artifacts(str(out))
+        counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
+        mlflow.log_metrics({"codebook_usage": used, "perplexity": ppl, "num_images": len(df),
+                            "skipped_images": skipped, "images_per_sec": len(df) / max(elapsed, 1e-9)})
+        fig = usage_figure(counts)
+        mlflow.log_figure(fig, "codebook_usage.png")
+        plt.close(fig)
+        return run.info.run_id
+
+
+@click.command("quantize")
+@config_options(QuantizeConfig)
+@with_tracking_options
+def quantize_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+    """Encode a dataset into code grids with a trained tokenizer (prints the run ID last)."""
+    cfg = build_config(QuantizeConfig, values)
+    if not cfg.vqvae_run_id:
+        raise UserError("--vqvae-run-id is required (the run ID printed by train-vqvae)")
+    quantize(cfg, tracking_uri, experiment)
