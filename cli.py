@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import click
 
+from transformer.generate import generate_command
+from transformer.train import train_command
+from vqvae.decode import decode_command
+from vqvae.quantize import quantize_command
 from vqvae.train import train_vqvae_command
 
 
@@ -15,7 +19,8 @@ def cli() -> None:
     """
 
 
-cli.add_command(train_vqvae_command)
+for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command):
+    cli.add_command(command)
 
 if __name__ == "__main__":
     cli()

@@ -96,3 +96,11 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
         except UserError as exc:
             first_error = first_error or exc
     raise first_error
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """``load_state_dict`` whose mismatch (checkpoint vs config) is a one-line error, not a traceback."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise UserError(f"{what} does not match its config: {str(exc)[:400]}") from None

@@ -1,6 +1,6 @@
 """One config dataclass per stage feeds the click options, the MLflow params and the checkpoint.
 
-A field's ``metadata`` may hold ``help``, ``choices`` and ``cli=False`` (kept out of the CLI).
+A field's ``metadata`` may hold ``help``, ``choices`` and ``multiple`` (a repeatable option).
 Tuple fields are written on the command line as comma-separated lists ("1,2,4").
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
             tp, item = _field_type(cls, f)
             default = f.default if f.default is not dataclasses.MISSING else None
             help_ = f.metadata.get("help", "")
-            if tp is bool:
+            if f.metadata.get("multiple"):
+                opt = click.option(name, multiple=True, help=help_ + " (repeatable)")
+            elif tp is bool:
                 opt = click.option(f"{name}/--no-{name[2:]}", default=default, show_default=True, help=help_)
             elif tp is tuple:
                 opt = click.option(name, default=",".join(map(str, default or ())), show_default=True,

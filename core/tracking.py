@@ -21,6 +21,7 @@ DEFAULT_EXPERIMENT = "taming"
 # An unreachable server must fail fast, not retry for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for our own progress
 
 tracking_options = [
     click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
@@ -161,3 +162,14 @@ def find_upstream(run_id: str, stage: str, max_hops: int = 6):
             break
         run = get_run(up)
     raise UserError(f"no {stage} run found upstream of run {run_id}")
+
+
+def log_manifest(df, source: str, context: str) -> None:
+    """Record the dataset of a run (shown under the run's inputs in the UI)."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow warns
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.log_input(mlflow.data.from_pandas(df, source=source, name="manifest"), context=context)

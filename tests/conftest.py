@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 # A tokenizer small enough to train a few steps on CPU in about a second.
 TINY_VQ = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "8",
            "--embed-dim", "8", "--codebook-size", "32", "--perceptual-weight", "0", "--batch-size", "8",
-           "--disc-start", "2", "--val-every", "2", "--ckpt-every", "2", "--log-every", "1", "--val-batches", "1",
+           "--disc-start", "2", "--disc-layers", "2", "--val-every", "2", "--ckpt-every", "2", "--log-every", "1", "--val-batches", "1",
            "--num-workers", "0"]
 
 

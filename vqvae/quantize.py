@@ -23,7 +23,7 @@ from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.options import build_config, config_options, config_params
 from core.runtime import setup_runtime
-from core.tracking import connect, stage_run, with_tracking_options
+from core.tracking import connect, log_manifest, stage_run, with_tracking_options
 from transformer.vocab import Vocab
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -96,7 +96,7 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
         if not cfg.manifest and not Path(manifest).is_file():
             raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
         df, skipped = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
-        mlflow.log_input(mlflow.data.from_pandas(df, source=str(manifest), name="manifest"), context="quantize")
+        log_manifest(df, str(manifest), "quantize")
         classes = sorted_classes(df["label"])
         vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]

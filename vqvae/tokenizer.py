@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.options import config_from_dict
 from core.tracking import get_run
@@ -62,9 +62,5 @@ def load_tokenizer(run_id: str, device: str | torch.device = "cpu") -> Tokenizer
     state, _ = load_checkpoint(run_id)
     cfg = config_from_dict(VQConfig, state["config"])
     model = VQModel(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"tokenizer checkpoint of run {run_id} does not match its config: "
-                        f"{str(exc)[:400]}") from None
+    load_weights(model, state["model"], f"tokenizer checkpoint of run {run_id}")
     return Tokenizer(model.to(device), cfg, run_id)

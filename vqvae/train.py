@@ -12,14 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
+from core.checkpoint import CheckpointWriter, load_checkpoint, load_weights, resolve_resume_config
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
 from core.images import grid_image
 from core.options import build_config, config_options, config_params, explicit_options
 from core.runtime import (Runtime, average_gradients, broadcast_from_main, rng_state, set_rng_state, setup_runtime,
                           teardown)
-from core.tracking import connect, get_run, stage_run, with_tracking_options
+from core.tracking import connect, get_run, log_manifest, stage_run, with_tracking_options
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
 from vqvae.model import VQModel
@@ -90,6 +90,9 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
         if cfg.image_size % cfg.downsample_factor:
             raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor "
                             f"{cfg.downsample_factor} (2**(len(ch_mult)-1)); use a multiple of it")
+        if cfg.disc_start < cfg.max_steps and cfg.image_size < 2 ** (cfg.disc_layers + 2):
+            raise UserError(f"--image-size {cfg.image_size} is too small for a {cfg.disc_layers}-layer PatchGAN "
+                            f"(needs at least {2 ** (cfg.disc_layers + 2)}); lower --disc-layers")
         if cfg.manifest is None:
             raise UserError("--manifest is required: a CSV with an image_path column")
         df, skipped = read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
@@ -97,8 +100,7 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
         if rt.is_main and state is None:
-            mlflow.log_input(mlflow.data.from_pandas(df, source=str(cfg.manifest), name="manifest"),
-                             context="training")
+            log_manifest(df, str(cfg.manifest), "training")
             mlflow.log_metrics({"data/train_images": len(train_df), "data/val_images": len(val_df),
                                 "data/skipped_images": skipped}, step=0)
         model = VQModel(cfg).to(rt.device)
@@ -108,12 +110,8 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         step = 0
         if state is not None:
-            try:
-                model.load_state_dict(state["model"])
-                loss_fn.discriminator.load_state_dict(state["discriminator"])
-            except RuntimeError as exc:
-                raise UserError(f"checkpoint of run {resume_run_id} does not match its config: "
-                                f"{str(exc)[:400]}") from None
+            load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
+            load_weights(loss_fn.discriminator, state["discriminator"], f"discriminator of run {resume_run_id}")
             opt_ae.load_state_dict(state["opt_ae"])
             opt_d.load_state_dict(state["opt_d"])
             scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,183 @@
+"""generate: sample code grids from a trained transformer into a new run (tag stage=generate).
+
+Artifacts: ``samples/codes.npy`` (N,H,W), ``samples/logprob.npy``, ``settings.json`` (every setting plus the
+label of each sample) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torchvision import transforms
+
+from core.checkpoint import load_checkpoint, load_weights
+from core.errors import UserError
+from core.images import grid_image, load_rgb
+from core.options import build_config, config_options, config_params
+from core.runtime import setup_runtime
+from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from transformer.model import GPT, GPTConfig
+from transformer.sample import generate
+from transformer.vocab import Vocab
+
+
+def _f(default, help_: str, **meta):
+    return field(default=default, metadata={"help": help_, **meta})
+
+
+@dataclass
+class GenerateConfig:
+    transformer_run_id: str = _f(None, "Run ID of the train (transformer) stage.")
+    num_samples: int = _f(16, "Number of code grids to sample.")
+    label: tuple[str, ...] = _f((), "Class label (name or id) to sample; several cycle over the samples. "
+                                    "Default for a conditional model: every class in turn.", multiple=True)
+    cfg_scale: float = _f(1.0, "Classifier-free guidance scale s: logits_u + s (logits_c - logits_u); 1 = off.")
+    temperature: float = _f(1.0, "Softmax temperature.")
+    top_k: int = _f(0, "Keep the k most likely codes (0: all).")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass (0, 1].")
+    seed: int = _f(0, "Random seed: the same seed gives the same samples.")
+    best_of: int = _f(1, "Draw K candidates per sample and keep the most likely.")
+    context_image: str = _f(None, "Complete this image: its top rows are kept, the rest is sampled.")
+    context_fraction: float = _f(0.5, "Share of the grid's rows taken from --context-image.")
+    latent_size: str = _f(None, "Code grid HxW to sample, e.g. 32x32 (default: the training grid). Larger grids "
+                                "need a model trained with --window-size.")
+    batch_size: int = _f(64, "Samples per batch.")
+    gif: bool = _f(False, "Also write an animation of the raster-order decoding.")
+    cache: bool = _f(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
+                           "for reference).")
+    compile: bool = _f(False, "torch.compile the decode step (CUDA only).")
+    device: str = _f("auto", "Device.", choices=["auto", "cpu", "cuda"])
+
+
+def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if not text:
+        return default
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--latent-size must look like HxW (e.g. 32x32), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise UserError(f"--latent-size must be positive, got {text!r}")
+    return h, w
+
+
+def check_sampling_args(cfg: GenerateConfig) -> None:
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise UserError(f"--top-k must be >= 1 (or 0 for no limit), got {cfg.top_k}")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.num_samples < 1 or cfg.best_of < 1 or cfg.batch_size < 1:
+        raise UserError("--num-samples, --best-of and --batch-size must be >= 1")
+    if not 0 < cfg.context_fraction < 1:
+        raise UserError(f"--context-fraction must be between 0 and 1, got {cfg.context_fraction}")
+
+
+def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
+    """Rebuild a trained GPT from its run and the vocabulary of the quantize run it was trained on."""
+    get_run(run_id, "transformer")
+    state, _ = load_checkpoint(run_id)
+    mcfg = dict(state["model_config"])
+    mcfg["grid_shape"] = tuple(mcfg["grid_shape"])
+    model = GPT(GPTConfig(**mcfg))
+    load_weights(model, state["model"], f"transformer checkpoint of run {run_id}")
+    vocab = Vocab.load(download(find_upstream(run_id, "quantize").info.run_id, "vocab.json"))
+    return model.to(device).eval(), vocab
+
+
+def sample_labels(cfg: GenerateConfig, vocab: Vocab) -> tuple[torch.Tensor | None, list[str | None]]:
+    """Class ids per sample (cycling over --label, or over every class) and their names."""
+    if cfg.label and not vocab.num_classes:
+        raise UserError(f"--label {cfg.label[0]!r} given, but the model is unconditional (its manifest had no labels)")
+    if not vocab.num_classes:
+        if cfg.cfg_scale != 1.0:
+            raise UserError("--cfg-scale needs a class-conditional model")
+        return None, [None] * cfg.num_samples
+    ids = [vocab.class_id(lab) for lab in cfg.label] or list(range(vocab.num_classes))
+    per_sample = torch.tensor([ids[i % len(ids)] for i in range(cfg.num_samples)])
+    return per_sample, [vocab.classes[i] for i in per_sample.tolist()]
+
+
+def context_codes(cfg: GenerateConfig, tokenizer, grid: tuple[int, int]) -> torch.Tensor:
+    """Top rows of the context image's code grid, encoded at the size of the grid being sampled."""
+    path = Path(cfg.context_image)
+    try:
+        image = load_rgb(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read --context-image {path}: {type(exc).__name__}: {exc}") from None
+    f = tokenizer.downsample_factor
+    x = transforms.Compose([transforms.Resize((grid[0] * f, grid[1] * f), antialias=True), transforms.ToTensor(),
+                            transforms.Normalize([0.5] * 3, [0.5] * 3)])(image)[None]
+    rows = max(1, min(grid[0] - 1, round(grid[0] * cfg.context_fraction)))
+    return tokenizer.encode(x).cpu()[:, :rows].expand(cfg.num_samples, -1, -1)
+
+
+def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int = 16) -> None:
+    """One frame per generated row: the partial grid decoded, rows not generated yet shown white."""
+    codes = codes[:max_samples]
+    f = tokenizer.downsample_factor
+    frames = []
+    for r in range(codes.shape[1] + 1):
+        partial = codes.clone()
+        partial[:, r:] = 0  # any valid code: its pixels are blanked below
+        images = tokenizer.decode(partial).cpu().clone()  # inference tensors are read-only
+        images[:, :, r * f:] = 1.0
+        frames.append(grid_image(images, nrow=min(8, len(codes))))
+    frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 4, duration=120, loop=0)
+
+
+def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    import mlflow
+
+    from vqvae.tokenizer import load_tokenizer
+
+    rt = setup_runtime(cfg.device)
+    connect(tracking_uri, experiment)
+    with stage_run("generate", config_params(cfg), upstream_run_id=cfg.transformer_run_id) as run:
+        check_sampling_args(cfg)
+        model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
+        grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
+        labels, names = sample_labels(cfg, vocab)
+        tokenizer = None
+        if cfg.context_image or cfg.gif:
+            tokenizer = load_tokenizer(find_upstream(cfg.transformer_run_id, "vqvae").info.run_id, rt.device)
+        context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
+        try:
+            codes, logprob = generate(model, cfg.num_samples, grid_shape=grid, labels=labels,
+                                      cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
+                                      top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed, context=context,
+                                      best_of=cfg.best_of, batch_size=cfg.batch_size, use_cache=cfg.cache,
+                                      compile=cfg.compile, progress=True)
+        except ValueError as exc:  # e.g. a larger grid for a full-attention model
+            raise UserError(str(exc)) from None
+        out = Path(tempfile.mkdtemp(prefix="generate-"))
+        (out / "samples").mkdir()
+        dtype = np.uint16 if vocab.codebook_size <= 2**16 else np.int32
+        np.save(out / "samples" / "codes.npy", codes.cpu().numpy().astype(dtype))
+        np.save(out / "samples" / "logprob.npy", logprob.cpu().numpy())
+        settings = {**asdict(cfg), "grid_shape": list(grid), "sample_labels": names,
+                    "vqvae_run_id": find_upstream(cfg.transformer_run_id, "vqvae").info.run_id}
+        (out / "settings.json").write_text(json.dumps(settings, indent=2))
+        if cfg.gif:
+            generation_gif(codes.cpu(), tokenizer, out / "samples" / "generation.gif")
+        mlflow.log_artifacts(str(out))
+        mlflow.log_metric("mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
+        return run.info.run_id
+
+
+@click.command("generate")
+@config_options(GenerateConfig)
+@with_tracking_options
+def generate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+    """Sample code grids from a trained transformer (prints the run ID last); `decode` turns them into images."""
+    cfg = build_config(GenerateConfig, values)
+    if not cfg.transformer_run_id:
+        raise UserError("--transformer-run-id is required (the run ID printed by train)")
+    run_generate(cfg, tracking_uri, experiment)

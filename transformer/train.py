@@ -1,0 +1,244 @@
+"""train: a GPT over a quantize run's code grids, as one MLflow run (tag stage=transformer)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.checkpoint import CheckpointWriter, load_checkpoint, load_weights, resolve_resume_config
+from core.data import ResumableSampler
+from core.errors import UserError
+from core.images import grid_image
+from core.options import build_config, config_options, config_params, explicit_options
+from core.runtime import (Runtime, broadcast_from_main, rng_state, set_rng_state, setup_runtime, teardown)
+from core.tracking import connect, download, get_run, stage_run, with_tracking_options
+from transformer.config import GPTTrainConfig
+from transformer.model import GPT, GPTConfig
+from transformer.sample import generate
+from transformer.vocab import Vocab
+
+
+@dataclasses.dataclass
+class CodeData:
+    """A quantize run's artifacts: code grids per split, their class ids (-1: none) and the vocabulary."""
+    vocab: Vocab
+    codes: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_run(cls, run_id: str) -> "CodeData":
+        get_run(run_id, "quantize")
+        vocab = Vocab.load(download(run_id, "vocab.json"))
+        index = pd.read_csv(download(run_id, "index.csv"))
+        codes, labels = {}, {}
+        for split in ("train", "val"):
+            arr = np.load(download(run_id, f"codes/{split}.npy"), allow_pickle=False)
+            codes[split] = torch.from_numpy(arr.astype(np.int64))
+            part = index[index.split == split].sort_values("row")
+            labels[split] = torch.as_tensor(part.label_id.to_numpy(dtype=np.int64))
+        if len(codes["train"]) == 0:
+            raise UserError(f"quantize run {run_id} has no training code grids")
+        return cls(vocab, codes, labels)
+
+    def sequences(self, split: str, idx: torch.Tensor, label_dropout: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token sequences [prefix, codes...]; the prefix is the class token, or SOS (unconditional / dropped)."""
+        codes = self.codes[split][idx].flatten(1)
+        labels = self.labels[split][idx]
+        prefix = torch.where(labels >= 0, self.vocab.class_token(0) + labels, self.vocab.sos_id)
+        if label_dropout > 0:
+            drop = torch.rand(len(idx), generator=generator) < label_dropout
+            prefix = torch.where(drop, self.vocab.sos_id, prefix)
+        return torch.cat([prefix[:, None], codes], dim=1)
+
+
+def lr_at(step: int, cfg: GPTTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, data: CodeData, rt: Runtime, batch_size: int, max_batches: int = 20) -> float:
+    split = "val" if len(data.codes["val"]) else "train"
+    n = min(len(data.codes[split]), batch_size * max_batches)
+    model.eval()
+    total = 0.0
+    for idx in torch.arange(n).split(batch_size):
+        seq = data.sequences(split, idx).to(rt.device)
+        with rt.autocast():
+            logits = model(seq[:, :-1])
+        total += F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten(), reduction="sum").item()
+    model.train()
+    return total / (n * (seq.shape[1] - 1))
+
+
+def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> None:
+    """Decode a few samples (one per class for conditional models) through the upstream tokenizer."""
+    import mlflow
+
+    n_classes = data.vocab.num_classes
+    labels = torch.arange(8) % n_classes if n_classes else None
+    model.eval()
+    codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
+    model.train()
+    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=8), key="samples", step=step)
+
+
+def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
+                      tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Train (or resume) the transformer; returns the MLflow run ID."""
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    try:
+        return _train(cfg, rt, resume_run_id, overrides or {}, tracking_uri, experiment)
+    finally:
+        teardown(rt)
+
+
+def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, overrides: dict,
+           tracking_uri: str | None, experiment: str | None) -> str:
+    import mlflow
+
+    from vqvae.tokenizer import load_tokenizer
+
+    state, slot = None, None
+    if rt.is_main:
+        connect(tracking_uri, experiment)
+        if resume_run_id:
+            get_run(resume_run_id, "transformer")
+            state, slot = load_checkpoint(resume_run_id)
+            cfg = resolve_resume_config(state, overrides, GPTTrainConfig, resume_run_id)
+    state, cfg = broadcast_from_main(rt, state, cfg)
+    with stage_run("transformer", config_params(cfg), upstream_run_id=cfg.quantize_run_id,
+                   resume_run_id=resume_run_id, enabled=rt.is_main) as run:
+        data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None
+        (data,) = broadcast_from_main(rt, data)
+        vocab = data.vocab
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}")
+        mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
+                         grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, window_size=cfg.window_size, dropout=cfg.dropout)
+        model = GPT(mcfg).to(rt.device)
+        opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))
+        scaler = rt.grad_scaler()
+        step = 0
+        if state is not None:
+            load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
+            opt.load_state_dict(state["opt"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            step = state["step"]
+        tokenizer = None
+        if rt.is_main:
+            tokenizer = load_tokenizer(get_run(cfg.quantize_run_id).data.tags["upstream_run_id"], rt.device)
+            if state is None:
+                mlflow.log_params({"num_classes": vocab.num_classes, "grid_shape": "x".join(map(str, vocab.grid_shape)),
+                                   "codebook_size": vocab.codebook_size, "num_params": sum(
+                                       p.numel() for p in model.parameters())})
+        ddp_model = model
+        if rt.distributed:
+            ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
+                                        start=step * cfg.grad_accum * cfg.batch_size))
+        dropout_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rt.rank + step)
+        writer = CheckpointWriter(previous_slot=slot) if rt.is_main else None
+
+        def snapshot() -> dict:
+            return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": step,
+                    "model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state()}
+
+        last_saved = step
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
+        t0, tokens_seen = time.perf_counter(), 0
+        try:
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
+                    seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
+                                         dropout_rng).to(rt.device, non_blocking=True)
+                    sync = micro == cfg.grad_accum - 1 or not rt.distributed
+                    with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                        with rt.autocast():
+                            logits = ddp_model(seq[:, :-1])
+                            loss = F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    tokens_seen += seq[:, 1:].numel()
+                if not math.isfinite(loss_sum):
+                    opt.zero_grad(set_to_none=True)
+                    if cfg.nan_policy == "stop":
+                        raise UserError(f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
+                                        f"(step {last_saved}) is kept: resume with --resume "
+                                        f"{run.info.run_id if run else '<run id>'} and a lower --lr, "
+                                        "or use --nan-policy skip")
+                    if rt.is_main:
+                        mlflow.log_metric("train/skipped_nonfinite", 1, step=step)
+                    step += 1
+                    bar.update(1)
+                    continue
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if rt.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    elapsed = time.perf_counter() - t0
+                    mlflow.log_metrics({"train/loss": loss_sum, "train/bits_per_token": loss_sum / math.log(2),
+                                        "train/lr": lr,
+                                        "train/tokens_per_sec": tokens_seen * rt.world_size / max(elapsed, 1e-9)},
+                                       step=step)
+                    bar.set_postfix(loss=f"{loss_sum:.4f}")
+                    t0, tokens_seen = time.perf_counter(), 0
+                if rt.is_main and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                    val = validation_loss(model, data, rt, cfg.batch_size)
+                    mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=step)
+                if rt.is_main and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps):
+                    log_samples(model, data, tokenizer, step, cfg.seed)
+                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                    if rt.is_main:
+                        writer.save(snapshot())
+                    last_saved = step
+                    rt.barrier()
+        except KeyboardInterrupt:
+            if rt.is_main and step > last_saved:
+                writer.save(snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
+            raise
+        finally:
+            bar.close()
+        return run.info.run_id if run else ""
+
+
+@click.command("train")
+@config_options(GPTTrainConfig)
+@click.option("--resume", "resume_run_id", default=None, help="Continue this transformer run from its last checkpoint.")
+@with_tracking_options
+@click.pass_context
+def train_command(ctx: click.Context, resume_run_id: str | None, tracking_uri: str | None, experiment: str,
+                  **values: Any) -> None:
+    """Train the transformer on a quantize run's code grids (prints the run ID last)."""
+    cfg = build_config(GPTTrainConfig, values)
+    if not resume_run_id and not cfg.quantize_run_id:
+        raise UserError("--quantize-run-id is required (the run ID printed by quantize), unless --resume is given")
+    train_transformer(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment)
