@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tiny models on a 2-core machine: one intra-op thread avoids oversubscription (≈10× faster here).
+torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT))
 
 # A tokenizer small enough to train a few steps on CPU in about a second.

@@ -162,7 +162,9 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                     with ctx:
                         with rt.autocast():
                             xrec, qloss, q = ddp_model(x, quantize=quantize)
-                            gloss, glogs = loss_fn.generator_loss(x, xrec, qloss, step, model.last_layer)
+                            gloss, glogs = loss_fn.generator_loss(
+                                x, xrec, qloss, step, model.last_layer,
+                                loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
                         finite &= bool(torch.isfinite(gloss))
                         scaler.scale(gloss / cfg.grad_accum).backward()
                     if step >= cfg.disc_start:
