@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import click
 
+from core.manifest import make_manifest_command
 from transformer.generate import generate_command
 from transformer.train import train_command
 from vqvae.decode import decode_command
+from vqvae.evaluate import evaluate_command
 from vqvae.quantize import quantize_command
 from vqvae.train import train_vqvae_command
 
@@ -19,7 +21,8 @@ def cli() -> None:
     """
 
 
-for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command):
+for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command,
+                make_manifest_command, evaluate_command):
     cli.add_command(command)
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""make-manifest: scanning a folder tree into a manifest that training reads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from core.data import read_manifest
+from core.manifest import make_manifest_command
+
+
+def run(*args) -> Result:
+    return CliRunner().invoke(make_manifest_command, [str(a) for a in args])
+
+
+def rgb(seed: int, size: int = 12) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Two class folders, one nested two levels, mixed formats, plus a text file and a corrupt PNG."""
+    root = tmp_path / "photos"
+    (root / "cats" / "indoor").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    rgb(0).save(root / "cats" / "a.png")
+    rgb(1).save(root / "cats" / "indoor" / "b.JPG", format="JPEG")
+    rgb(2).convert("L").save(root / "dogs" / "gray.bmp")
+    rgb(3).convert("RGBA").save(root / "dogs" / "alpha.png")
+    rgb(4).save(root / "top.jpeg", format="JPEG")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+def test_tree_to_manifest(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "meta" / "manifest.csv"  # a folder beside the images: paths go through '..'
+    res = run(tree, "--out", out, "--labels-from-folders")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == str(out.resolve())
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["image_path", "label", "split"]
+    assert df["image_path"].tolist() == sorted(df["image_path"])
+    assert df["image_path"].tolist() == ["../photos/cats/a.png", "../photos/cats/indoor/b.JPG",
+                                         "../photos/dogs/alpha.png", "../photos/dogs/gray.bmp", "../photos/top.jpeg"]
+    assert all((out.parent / p).resolve().is_file() for p in df["image_path"])
+    assert dict(zip(df["image_path"].str.rsplit("/", n=1).str[-1], df["label"])) == {
+        "a.png": "cats", "b.JPG": "cats", "alpha.png": "dogs", "gray.bmp": "dogs", "top.jpeg": ""}
+    assert set(df["split"]) <= {"train", "val"}
+    assert "wrote 5 images" in res.stderr
+    assert "skipped 1 unreadable" in res.stderr and "broken.png" in res.stderr
+    assert "notes.txt" not in res.output
+
+
+def test_manifest_is_deterministic_and_trains(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(100):
+        rgb(i, 8).save(root / f"{i:03d}.png")
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(root, "--out", a, "--val-fraction", "0.3").exit_code == 0
+    assert run(root, "--out", b, "--val-fraction", "0.3").exit_code == 0
+    assert a.read_text() == b.read_text()
+    df = pd.read_csv(a)
+    assert "label" not in df.columns
+    assert 15 <= (df["split"] == "val").sum() <= 45
+    frame, skipped = read_manifest(a, val_fraction=0.3)
+    assert len(frame) == 100 and skipped == 0
+    # the written split is the one the trainer would derive itself from the paths
+    no_split = tmp_path / "no_split.csv"
+    df.drop(columns="split").to_csv(no_split, index=False)
+    assert read_manifest(no_split, val_fraction=0.3)[0]["split"].tolist() == df["split"].tolist()
+
+
+def test_missing_dir(tmp_path: Path) -> None:
+    res = run(tmp_path / "nope", "--out", tmp_path / "m.csv")
+    assert res.exit_code == 1 and "not found" in res.output
+    (tmp_path / "file.png").write_bytes(b"")
+    res = run(tmp_path / "file.png", "--out", tmp_path / "m.csv")
+    assert res.exit_code == 1 and "not a folder" in res.output
+
+
+def test_empty_dir(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = run(tmp_path / "empty", "--out", tmp_path / "m.csv")
+    assert res.exit_code == 1 and "no image files" in res.output
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_unwritable_output_folder(tree: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user (e.g. root) who can write to a read-only folder")
+        res = run(tree, "--out", locked / "m.csv")
+        assert res.exit_code == 1 and "cannot write to output folder" in res.output
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_failed_write_leaves_no_partial_csv(tree: Path, tmp_path: Path, monkeypatch) -> None:
+    """A write that dies half-way (disk full) keeps the previous manifest and leaves no temp file."""
+    out = tmp_path / "m.csv"
+    out.write_text("image_path\nold.png\n")
+
+    def full_disk(self, fh, **kwargs):
+        fh.write("image_path,split\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    res = run(tree, "--out", out)
+    assert res.exit_code == 1 and "No space left" in res.output
+    assert out.read_text() == "image_path\nold.png\n"
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["m.csv"]

@@ -1,0 +1,217 @@
+"""evaluate: reconstruction quality of a trained tokenizer on its validation split, logged onto its own run.
+
+Metrics (prefix ``eval/``, at the checkpoint's training step): ``psnr`` (dB, per image then averaged; identical
+images score ``PSNR_CAP`` = 100 dB instead of infinity), ``ssim`` (11x11 Gaussian window, sigma 1.5),
+``lpips`` (VGG16; only when its torchvision weights are in the torch hub cache), ``codebook_usage`` and
+``perplexity`` of the validation codes, ``rfid`` (Inception FID of reconstructions against originals; only
+when torch-fidelity and its Inception weights are available locally), ``num_images``. A metric that cannot be
+computed offline is skipped with a note in tag ``eval/<metric>_note`` and on stderr. Artifacts:
+``eval/per_image.csv`` and ``eval/worst.png`` (lowest-PSNR originals on top, reconstructions below).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from core.data import ImageDataset, read_manifest
+from core.errors import UserError
+from core.images import grid_image
+from core.options import build_config, config_options
+from core.runtime import setup_runtime
+from core.tracking import connect, download, with_tracking_options
+from vqvae.quantize import usage_stats
+from vqvae.tokenizer import Tokenizer, load_tokenizer
+
+PSNR_CAP = 100.0  # dB for identical images (MSE 0), where PSNR is infinite
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+@dataclass
+class EvalConfig:
+    vqvae_run_id: str = field(default=None, metadata={"help": "Run ID of the train-vqvae stage to evaluate."})
+    manifest: str = field(default=None, metadata={"help": "Manifest whose val split to use (default: the "
+                                                          "tokenizer's, split as in training)."})
+    max_images: int = field(default=None, metadata={"help": "Evaluate at most this many val images (default: all)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per batch."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Skip missing/unreadable images."})
+    fid: bool = field(default=True, metadata={"help": "Compute rFID (needs torch-fidelity and its Inception "
+                                                      "weights offline; biased upwards on few images)."})
+    worst: int = field(default=8, metadata={"help": "Images in the worst-PSNR grid eval/worst.png."})
+    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, cap: float = PSNR_CAP) -> torch.Tensor:
+    """Per-image PSNR in dB of (B,C,H,W) images in [-1, 1] (peak = full range), at most ``cap``."""
+    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse)).clamp(max=cap)  # mse 0 gives +inf, clamped to the cap
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (B,C,H,W) images in [-1, 1] (Gaussian window 11, sigma 1.5, on [0, 1] data)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure((x.float() + 1) / 2, (y.float() + 1) / 2, data_range=1.0,
+                                               reduction="none")
+
+
+def per_image_metrics(x: torch.Tensor, xrec: torch.Tensor,
+                      lpips: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and (given an LPIPS module) LPIPS per image, as CPU tensors of shape (B,)."""
+    out = {"psnr": psnr(xrec, x), "ssim": ssim(xrec, x)}
+    if lpips is not None:
+        out["lpips"] = lpips(x, xrec).flatten(1).mean(1)
+    return {k: v.detach().float().cpu() for k, v in out.items()}
+
+
+def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    """(LPIPS module, None), or (None, why not) when its VGG16 weights are not available offline."""
+    from vqvae.losses import LPIPSLoss, vgg16_checkpoint_path
+
+    path = vgg16_checkpoint_path()
+    if not os.path.isfile(path):
+        return None, f"LPIPS skipped: torchvision VGG16 weights not found at {path} (no download is attempted)"
+    try:
+        return LPIPSLoss(backbone="pretrained").to(device), None
+    except UserError as exc:  # e.g. an unreadable weights file
+        return None, f"LPIPS skipped: {exc.message}"
+
+
+def inception_weights() -> tuple[Path | None, str | None]:
+    """(weights file, None), or (None, why not): FID needs torch-fidelity and its Inception file in the hub cache."""
+    try:
+        import torch_fidelity  # noqa: F401 - only checking that torchmetrics' FID backend is installed
+    except ImportError:
+        return None, "rFID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.is_file():
+        return None, f"rFID skipped: Inception weights not found at {path} (download {INCEPTION_URL} there)"
+    return path, None
+
+
+def keep_worst(worst: tuple[torch.Tensor, ...] | None, batch: tuple[torch.Tensor, ...],
+               k: int) -> tuple[torch.Tensor, ...]:
+    """The ``k`` lowest-PSNR (psnr, original, reconstruction) rows of ``worst`` and ``batch`` together."""
+    merged = batch if worst is None else tuple(torch.cat(p) for p in zip(worst, batch))
+    keep = merged[0].argsort()[:k]
+    return tuple(t[keep] for t in merged)
+
+
+def trained_step(run_id: str) -> int:
+    """Training step of the run's latest checkpoint: eval metrics are logged at it, so re-evaluations line up."""
+    return int(json.loads(download(run_id, "checkpoints/latest.json").read_text()).get("step", 0))
+
+
+def val_paths(tok: Tokenizer, cfg: EvalConfig) -> list[str]:
+    manifest = cfg.manifest or tok.cfg.manifest
+    if not Path(manifest).is_file():
+        raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest"
+                        if not cfg.manifest else f"manifest not found: {manifest}")
+    df, _ = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
+    paths = df.loc[df["split"] == "val", "image_path"].tolist()[: cfg.max_images]
+    if not paths:
+        raise UserError(f"manifest {manifest} has no val images to evaluate (val fraction {tok.cfg.val_fraction}); "
+                        "pass --manifest with a split column that marks some rows 'val'")
+    return paths
+
+
+def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str | None = None) -> dict[str, float]:
+    """Evaluate the tokenizer of ``cfg.vqvae_run_id`` and log the results onto that run; returns the metrics."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    rt = setup_runtime(cfg.device)
+    connect(tracking_uri, experiment)
+    tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
+    paths = val_paths(tok, cfg)
+    lpips, lpips_note = load_lpips(rt.device)
+    fid, fid_note = None, "rFID skipped: --no-fid"
+    if cfg.fid:
+        weights, fid_note = inception_weights()
+        if weights is not None and len(paths) < 2:
+            fid_note = "rFID skipped: it needs at least 2 images"
+        elif weights is not None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            fid = FrechetInceptionDistance(feature=2048, normalize=True,
+                                           feature_extractor_weights_path=str(weights)).to(rt.device)
+
+    loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+    rows: dict[str, list[torch.Tensor]] = {}
+    codes, worst = [], None  # worst: (psnr, originals, reconstructions) of the lowest-PSNR images so far
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in tqdm(loader, desc="evaluate", dynamic_ncols=True):
+            x = x.to(rt.device, non_blocking=True)
+            idx = tok.encode(x)
+            xrec = tok.decode(idx)
+            codes.append(idx.cpu())
+            m = per_image_metrics(x, xrec, lpips)
+            for k, v in m.items():
+                rows.setdefault(k, []).append(v)
+            if fid is not None:
+                fid.update((x + 1) / 2, real=True)
+                fid.update((xrec + 1) / 2, real=False)
+            # keep only the worst few so far: every image would not fit in memory on big sets
+            worst = keep_worst(worst, (m["psnr"], x.cpu(), xrec.cpu()), cfg.worst)
+    per_image = {k: torch.cat(v).numpy() for k, v in rows.items()}
+    _, used, ppl = usage_stats(torch.cat(codes).numpy(), tok.codebook_size)
+    metrics = {f"eval/{k}": float(np.mean(v)) for k, v in per_image.items()}
+    metrics.update({"eval/codebook_usage": used, "eval/perplexity": ppl, "eval/num_images": len(paths),
+                    "eval/images_per_sec": len(paths) / max(time.perf_counter() - t0, 1e-9)})
+    if fid is not None:
+        metrics["eval/rfid"] = float(fid.compute())
+
+    client = mlflow.MlflowClient()
+    run_id = cfg.vqvae_run_id
+    notes = {"eval/lpips_note": lpips_note, "eval/rfid_note": fid_note}
+    old_tags = client.get_run(run_id).data.tags
+    for key, note in notes.items():
+        if note:
+            click.echo(f"note: {note}", err=True)
+        elif key in old_tags:
+            client.delete_tag(run_id, key)  # a note from an earlier evaluation no longer applies
+    step, now = trained_step(run_id), int(time.time() * 1000)
+    # Log through the client by run ID: re-opening the run with start_run would change its FINISHED status.
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in notes.items() if v]
+                     + [RunTag("eval/manifest", str(cfg.manifest or tok.cfg.manifest))])
+    out = Path(tempfile.mkdtemp(prefix="evaluate-"))
+    pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
+    grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0])).save(out / "worst.png")
+    client.log_artifact(run_id, str(out / "per_image.csv"), "eval")
+    client.log_artifact(run_id, str(out / "worst.png"), "eval")
+    click.echo(", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), err=True)
+    return metrics
+
+
+@click.command("evaluate")
+@config_options(EvalConfig)
+@with_tracking_options
+def evaluate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+    """Measure a tokenizer's reconstructions on its val split; logs eval/* onto its run (prints the run ID last).
+
+    PSNR of identical images is capped at 100 dB. LPIPS and rFID need pretrained weights in the torch hub
+    cache; without them they are skipped with a note (tag eval/<metric>_note), not an error.
+    """
+    cfg = build_config(EvalConfig, values)
+    if not cfg.vqvae_run_id:
+        raise UserError("--vqvae-run-id is required (the run ID printed by train-vqvae)")
+    if (cfg.max_images is not None and cfg.max_images < 1) or cfg.batch_size < 1 or cfg.worst < 1:
+        raise UserError("--max-images, --batch-size and --worst must be at least 1")
+    evaluate(cfg, tracking_uri, experiment)
+    click.echo(cfg.vqvae_run_id)
