@@ -14,6 +14,11 @@ import click
 T = TypeVar("T")
 
 
+def opt(default: Any, help_: str, **meta: Any) -> Any:
+    """A config field with its CLI help (and ``choices``/``multiple``) in the metadata."""
+    return dataclasses.field(default=default, metadata={"help": help_, **meta})
+
+
 def _parse_tuple(text: str | tuple, item: type) -> tuple:
     if isinstance(text, (tuple, list)):
         return tuple(item(v) for v in text)

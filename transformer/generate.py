@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torchvision import transforms
 from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
-from core.options import build_config, config_options, config_params
+from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from transformer.model import GPT, GPTConfig
@@ -27,32 +27,28 @@ from transformer.sample import generate
 from transformer.vocab import Vocab
 
 
-def _f(default, help_: str, **meta):
-    return field(default=default, metadata={"help": help_, **meta})
-
-
 @dataclass
 class GenerateConfig:
-    transformer_run_id: str = _f(None, "Run ID of the train (transformer) stage.")
-    num_samples: int = _f(16, "Number of code grids to sample.")
-    label: tuple[str, ...] = _f((), "Class label (name or id) to sample; several cycle over the samples. "
+    transformer_run_id: str = opt(None, "Run ID of the train (transformer) stage.")
+    num_samples: int = opt(16, "Number of code grids to sample.")
+    label: tuple[str, ...] = opt((), "Class label (name or id) to sample; several cycle over the samples. "
                                     "Default for a conditional model: every class in turn.", multiple=True)
-    cfg_scale: float = _f(1.0, "Classifier-free guidance scale s: logits_u + s (logits_c - logits_u); 1 = off.")
-    temperature: float = _f(1.0, "Softmax temperature.")
-    top_k: int = _f(0, "Keep the k most likely codes (0: all).")
-    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass (0, 1].")
-    seed: int = _f(0, "Random seed: the same seed gives the same samples.")
-    best_of: int = _f(1, "Draw K candidates per sample and keep the most likely.")
-    context_image: str = _f(None, "Complete this image: its top rows are kept, the rest is sampled.")
-    context_fraction: float = _f(0.5, "Share of the grid's rows taken from --context-image.")
-    latent_size: str = _f(None, "Code grid HxW to sample, e.g. 32x32 (default: the training grid). Larger grids "
+    cfg_scale: float = opt(1.0, "Classifier-free guidance scale s: logits_u + s (logits_c - logits_u); 1 = off.")
+    temperature: float = opt(1.0, "Softmax temperature.")
+    top_k: int = opt(0, "Keep the k most likely codes (0: all).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass (0, 1].")
+    seed: int = opt(0, "Random seed: the same seed gives the same samples.")
+    best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.")
+    context_image: str = opt(None, "Complete this image: its top rows are kept, the rest is sampled.")
+    context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.")
+    latent_size: str = opt(None, "Code grid HxW to sample, e.g. 32x32 (default: the training grid). Larger grids "
                                 "need a model trained with --window-size.")
-    batch_size: int = _f(64, "Samples per batch.")
-    gif: bool = _f(False, "Also write an animation of the raster-order decoding.")
-    cache: bool = _f(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
+    batch_size: int = opt(64, "Samples per batch.")
+    gif: bool = opt(False, "Also write an animation of the raster-order decoding.")
+    cache: bool = opt(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
                            "for reference).")
-    compile: bool = _f(False, "torch.compile the decode step (CUDA only).")
-    device: str = _f("auto", "Device.", choices=["auto", "cpu", "cuda"])
+    compile: bool = opt(False, "torch.compile the decode step (CUDA only).")
+    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
 def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from core.errors import UserError
 from core.images import grid_image, to_pil
-from core.options import build_config, config_options, config_params
+from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from vqvae.tokenizer import load_tokenizer
@@ -22,16 +22,14 @@ SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
 
 @dataclass
 class DecodeConfig:
-    run_id: str = field(default=None, metadata={"help": "A generate or quantize run whose code grids to decode."})
-    indices: str = field(default=None, metadata={"help": ".npy file of code grids (N,h,w) from elsewhere "
-                                                         "(needs --vqvae-run-id)."})
-    vqvae_run_id: str = field(default=None, metadata={"help": "Tokenizer run for --indices."})
-    split: str = field(default="val", metadata={"help": "Split to decode from a quantize run.",
-                                                "choices": ["train", "val"]})
-    max_images: int = field(default=64, metadata={"help": "Decode at most this many grids."})
-    nrow: int = field(default=8, metadata={"help": "Images per row in the grid."})
-    batch_size: int = field(default=32, metadata={"help": "Grids decoded per batch."})
-    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
+    run_id: str = opt(None, "A generate or quantize run whose code grids to decode.")
+    indices: str = opt(None, ".npy file of code grids (N,h,w) from elsewhere (needs --vqvae-run-id).")
+    vqvae_run_id: str = opt(None, "Tokenizer run for --indices.")
+    split: str = opt("val", "Split to decode from a quantize run.", choices=["train", "val"])
+    max_images: int = opt(64, "Decode at most this many grids.")
+    nrow: int = opt(8, "Images per row in the grid.")
+    batch_size: int = opt(32, "Grids decoded per batch.")
+    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
 def load_codes(path: Path) -> torch.Tensor:

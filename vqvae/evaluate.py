@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.images import grid_image
-from core.options import build_config, config_options
+from core.options import build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import connect, download, with_tracking_options
 from vqvae.quantize import usage_stats
@@ -41,17 +41,16 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 @dataclass
 class EvalConfig:
-    vqvae_run_id: str = field(default=None, metadata={"help": "Run ID of the train-vqvae stage to evaluate."})
-    manifest: str = field(default=None, metadata={"help": "Manifest whose val split to use (default: the "
-                                                          "tokenizer's, split as in training)."})
-    max_images: int = field(default=None, metadata={"help": "Evaluate at most this many val images (default: all)."})
-    batch_size: int = field(default=32, metadata={"help": "Images per batch."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    skip_bad_images: bool = field(default=False, metadata={"help": "Skip missing/unreadable images."})
-    fid: bool = field(default=True, metadata={"help": "Compute rFID (needs torch-fidelity and its Inception "
-                                                      "weights offline; biased upwards on few images)."})
-    worst: int = field(default=8, metadata={"help": "Images in the worst-PSNR grid eval/worst.png."})
-    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
+    vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage to evaluate.")
+    manifest: str = opt(None, "Manifest whose val split to use (default: the tokenizer's, split as in training).")
+    max_images: int = opt(None, "Evaluate at most this many val images (default: all).")
+    batch_size: int = opt(32, "Images per batch.")
+    num_workers: int = opt(0, "DataLoader worker processes.")
+    skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
+    fid: bool = opt(True, "Compute rFID (needs torch-fidelity and its Inception weights offline; biased upwards "
+                          "on few images).")
+    worst: int = opt(8, "Images in the worst-PSNR grid eval/worst.png.")
+    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, cap: float = PSNR_CAP) -> torch.Tensor:

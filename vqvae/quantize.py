@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
-from core.options import build_config, config_options, config_params
+from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import connect, log_manifest, stage_run, with_tracking_options
 from transformer.vocab import Vocab
@@ -30,14 +30,13 @@ from vqvae.tokenizer import Tokenizer, load_tokenizer
 
 @dataclass
 class QuantizeConfig:
-    vqvae_run_id: str = field(default=None, metadata={"help": "Run ID of the train-vqvae stage."})
-    manifest: str = field(default=None, metadata={"help": "CSV manifest to encode (default: the tokenizer's)."})
-    batch_size: int = field(default=64, metadata={"help": "Images per batch."})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes."})
-    skip_bad_images: bool = field(default=False, metadata={"help": "Skip missing/unreadable images."})
-    device: str = field(default="auto", metadata={"help": "Device.", "choices": ["auto", "cpu", "cuda"]})
-    precision: str = field(default="fp32", metadata={"help": "Autocast precision.",
-                                                     "choices": ["fp32", "bf16", "fp16"]})
+    vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage.")
+    manifest: str = opt(None, "CSV manifest to encode (default: the tokenizer's).")
+    batch_size: int = opt(64, "Images per batch.")
+    num_workers: int = opt(2, "DataLoader worker processes.")
+    skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
+    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
+    precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
 
 
 def sorted_classes(labels: pd.Series) -> tuple[str, ...]:
