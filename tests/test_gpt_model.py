@@ -1,0 +1,169 @@
+"""GPT over code grids: the windowed mask, the relative-position bias, the KV cache and training."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.model import GPT, GPTConfig, attention_index
+
+
+def tiny(window: int = 0, grid=(4, 5), classes: int = 3, K: int = 11, dtype=torch.float64, seed: int = 0) -> GPT:
+    """A tiny model with large random weights (incl. the position bias) so attention patterns matter."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(K, classes, grid, n_layer=2, n_head=2, n_embd=16, window_size=window)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    return model.eval()
+
+
+def reference_mask(H: int, W: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force: visibility and bias column of every (query, key) pair, T = 1 + H*W."""
+    T = 1 + H * W
+    visible = torch.zeros(T, T, dtype=torch.bool)
+    index = torch.full((T, T), -1)
+    for q in range(T):
+        visible[q, 0], index[q, 0] = True, 2 * w * w
+        if q == 0:
+            continue
+        i, j = divmod(q - 1, W)
+        for k in range(1, T):
+            i2, j2 = divmod(k - 1, W)
+            own_row = i2 == i and j - w <= j2 <= j
+            above = i - w + 1 <= i2 <= i - 1 and j - w <= j2 <= j + w - 1
+            if own_row or above:
+                visible[q, k] = True
+                index[q, k] = (i - i2) * 2 * w + (j2 - j) + w
+    return visible, index
+
+
+@pytest.mark.parametrize("H,W,w", [(4, 4, 1), (4, 4, 2), (3, 7, 2), (6, 3, 3), (5, 5, 4), (3, 4, 9), (2, 9, 5)])
+def test_window_mask_matches_brute_force(H, W, w):
+    index, visible = attention_index((H, W), w, torch.device("cpu"))
+    ref_visible, ref_index = reference_mask(H, W, w)
+    assert torch.equal(visible, ref_visible)
+    assert torch.equal(index[visible], ref_index[visible])
+    assert int(index.max()) <= 2 * w * w and int(index.min()) >= 0  # every column exists in the table
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 6), (6, 2)])
+def test_full_attention_is_causal(grid):
+    w = GPTConfig(8, 0, grid, 1, 1, 8, window_size=0).window
+    _, visible = attention_index(grid, w, torch.device("cpu"))
+    T = 1 + grid[0] * grid[1]
+    assert torch.equal(visible, torch.ones(T, T, dtype=torch.bool).tril())
+
+
+def test_config_tokens():
+    cfg = GPTConfig(codebook_size=16, num_classes=3, grid_shape=[4, 4], n_layer=1, n_head=2, n_embd=8, window_size=0)
+    assert cfg.grid_shape == (4, 4)
+    assert (cfg.sos_id, cfg.vocab_size, cfg.class_token(0), cfg.class_token(2)) == (16, 20, 17, 19)
+    assert torch.equal(cfg.class_token(torch.tensor([0, 2])), torch.tensor([17, 19]))
+    with pytest.raises(ValueError):
+        cfg.class_token(3)
+    with pytest.raises(ValueError):
+        GPTConfig(16, 0, (4, 4), 1, 3, 8, window_size=0)  # n_embd % n_head
+
+
+def test_forward_shapes_and_grid_checks():
+    full, win = tiny(0), tiny(2)
+    tokens = torch.randint(11, (3, 1 + 20))
+    tokens[:, 0] = full.config.sos_id
+    assert full(tokens).shape == (3, 21, 11)  # the head covers the codes only
+    assert full(tokens[:, :5]).shape == (3, 5, 11)
+    with pytest.raises(ValueError, match="full-attention"):
+        full(tokens[:, :5], grid_shape=(8, 10))
+    big = torch.randint(11, (2, 1 + 80))
+    assert win(big, grid_shape=(8, 10)).shape == (2, 81, 11)  # a window model takes any grid
+    with pytest.raises(ValueError, match="sequence length"):
+        full(torch.zeros(1, 22, dtype=torch.long))
+
+
+def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: bool = False) -> torch.Tensor:
+    """Logits for positions n_prefill-1 ... T-1 via prefill + decode steps."""
+    model.setup_cache(tokens.shape[0], grid)
+    if static:  # the fixed-shape path that compile=True uses on CUDA, run eagerly
+        model._use_compiled, model._compiled = True, model._decode
+    out = [model.prefill(tokens[:, :n_prefill])]
+    for t in range(n_prefill, tokens.shape[1]):
+        out.append(model.decode_step(tokens[:, t], t - 1))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("window,grid,gen_grid,n_prefill", [
+    (0, (4, 5), (4, 5), 1),    # full attention (row-major ring, reads only written slots)
+    (0, (4, 5), (4, 5), 8),    # ... after a prefill of 7 context codes
+    (3, (4, 5), (4, 5), 1),    # window as wide as the grid: row-major ring that wraps
+    (2, (4, 5), (4, 5), 1),    # narrow window: column-major ring, column slices
+    (2, (4, 5), (9, 11), 1),   # larger grid than trained on
+    (2, (4, 5), (9, 11), 40),  # larger grid with a long context (ring partly overwritten)
+    (5, (4, 5), (3, 4), 2),    # window larger than the grid
+])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static):
+    model = tiny(window, grid)
+    H, W = gen_grid
+    with torch.inference_mode():
+        tokens = torch.randint(11, (3, 1 + H * W))
+        tokens[:, 0] = torch.tensor([model.config.sos_id, model.config.class_token(0), model.config.class_token(2)])
+        full = model(tokens, gen_grid)
+        cached = decode_all(model, tokens, gen_grid, n_prefill, static)
+    torch.testing.assert_close(cached, full[:, n_prefill - 1:], rtol=1e-10, atol=1e-10)
+
+
+def test_cache_memory_bounded_by_window():
+    model = tiny(window=3, grid=(8, 8), dtype=torch.float32)
+
+    def cache_shapes(grid):
+        model.setup_cache(2, grid)
+        return [tuple(t.shape) for c in model._caches for t in (c.k_prefix, c.v_prefix, c.k, c.v)]
+
+    assert cache_shapes((8, 8)) == cache_shapes((32, 8))  # grid height does not matter
+    assert cache_shapes((8, 8))[2] == (2, 2, 3 * 8, 8)  # R = w rows of the grid width
+    assert cache_shapes((8, 16))[2] == (2, 2, 3 * 16, 8)
+
+
+def test_no_absolute_positions():
+    """Shifting a grid down by whole rows leaves the logits of rows whose receptive field stays inside unchanged."""
+    model = tiny(window=2, grid=(4, 4))  # 2 layers x (w-1) rows above = receptive field of 2 rows up
+    grid = torch.randint(11, (5, 6))
+    shifted = torch.cat([torch.randint(11, (3, 6)), grid])
+    sos = torch.tensor([model.config.sos_id])
+    with torch.no_grad():
+        a = model(torch.cat([sos, grid.flatten()])[None], (5, 6))[0, 1:].view(5, 6, -1)
+        b = model(torch.cat([sos, shifted.flatten()])[None], (8, 6))[0, 1:].view(8, 6, -1)
+    torch.testing.assert_close(a[2:], b[5:], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(a[:2], b[3:5])  # the top rows did see the extra rows
+
+
+def test_training_reduces_loss_and_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(16, 2, (4, 4), n_layer=2, n_head=2, n_embd=32, window_size=2)).train()
+    seq = torch.randint(16, (4, 17))
+    seq[:, 0] = model.config.class_token(torch.tensor([0, 1, 0, 1]))
+    opt = model.configure_optimizers(weight_decay=0.01, lr=3e-3)
+    losses = []
+    for _ in range(40):
+        logits = model(seq[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 16), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            unused = {"tok_emb"}  # rows of unseen tokens get no gradient, but the table as a whole does
+            missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not [n for n in missing if n.split(".")[0] not in unused], missing
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_optimizer_decays_linear_weights_only():
+    model = tiny(window=2, dtype=torch.float32)
+    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95)
