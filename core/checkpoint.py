@@ -85,16 +85,28 @@ def safe_load(path: str | Path, what: str) -> dict[str, Any]:
 
 def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
     """Newest complete checkpoint of a run and its slot name; falls back to the other slot if it is damaged."""
-    pointer = json.loads(download(run_id, f"{ARTIFACT_DIR}/{POINTER}").read_text())
-    order = [pointer["file"]] + [s for s in SLOTS if s != pointer["file"]]
+    try:
+        named = json.loads(download(run_id, f"{ARTIFACT_DIR}/{POINTER}").read_text())["file"]
+    except (ValueError, KeyError, TypeError):  # a pointer cut short by a kill (or tampered with)
+        named = None
+    if named not in SLOTS:  # then the newest slot that loads wins
+        named = None
+    order = [named] + [s for s in SLOTS if s != named] if named else list(SLOTS)
     first_error: UserError | None = None
+    loaded = []
     for slot in order:
         try:
-            return safe_load(download(run_id, f"{ARTIFACT_DIR}/{slot}"), f"checkpoint {slot} of run {run_id}"), slot
+            state = safe_load(download(run_id, f"{ARTIFACT_DIR}/{slot}"), f"checkpoint {slot} of run {run_id}")
         except UnsafeCheckpointError:
             raise
         except UserError as exc:
             first_error = first_error or exc
+            continue
+        if named:
+            return state, slot
+        loaded.append((state, slot))
+    if loaded:
+        return max(loaded, key=lambda pair: pair[0].get("step", 0))
     raise first_error
 
 

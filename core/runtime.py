@@ -5,6 +5,8 @@ import contextlib
 import datetime
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,14 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True only if ``flag`` holds on every rank, so that all ranks take the same branch (e.g. skip a step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
 
 def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) -> Runtime:
@@ -89,6 +99,42 @@ def set_rng_state(state: dict) -> None:
     np.random.seed(state["python_seed"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:
+    """Turn an allocation failure (GPU, CPU, or a DataLoader worker killed by the OOM killer) into advice."""
+    text = str(exc)
+    if (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in text
+            or "out of memory" in text or ("DataLoader worker" in text and "killed by signal" in text)):
+        raise UserError(f"out of memory at --batch-size {batch_size}; lower --batch-size or use --grad-accum "
+                        f"({text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__})") from None
+
+
+class StepInterrupt:
+    """Ctrl-C ends training at the end of the step in progress, so the checkpoint then saved matches the weights
+    and the logged metrics; a second Ctrl-C stops at once and keeps the last checkpoint. In the main thread only
+    (Python's rule for signal handlers); elsewhere Ctrl-C interrupts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
+        in_main = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGINT, self._handle) if in_main else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self, rt: Runtime) -> None:
+        """Call between steps: stops every rank at the same step once any of them got Ctrl-C."""
+        if not rt.all_ranks(not self.requested):
+            self.at_boundary = True
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def teardown(rt: Runtime) -> None:

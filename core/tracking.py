@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import urllib.error
@@ -17,6 +18,8 @@ STAGES = ("vqvae", "quantize", "transformer", "generate", "decode")
 STAGE_COMMANDS = {"vqvae": "train-vqvae", "quantize": "quantize", "transformer": "train",
                   "generate": "generate", "decode": "decode"}
 DEFAULT_EXPERIMENT = "taming"
+# OSErrors that mean a full disk or a folder we may not write: a one-line error rather than a traceback
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # An unreachable server must fail fast, not retry for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -108,7 +111,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, upstream_run_id:
         yield None
         return
     if resume_run_id:
-        get_run(resume_run_id, stage)
+        # the run stays in its own experiment, whatever --experiment says (MLflow refuses a mismatch)
+        mlflow.set_experiment(experiment_id=get_run(resume_run_id, stage).info.experiment_id)
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag("resumed", "true")
     else:
@@ -130,8 +134,13 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, upstream_run_id:
         mlflow.end_run("FAILED")
         raise
     except BaseException as exc:
-        mlflow.set_tag("error", _first_line(exc)[:5000])
+        storage = isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS  # the machine's fault, not the code's
+        message = (f"cannot write {exc.filename or 'an output file'}: {exc.strerror}; free disk space or fix the "
+                   "permissions, then run again") if storage else _first_line(exc)
+        mlflow.set_tag("error", message[:5000])
         mlflow.end_run("FAILED")
+        if storage:
+            raise UserError(message) from None
         raise
     mlflow.end_run("FINISHED")
     click.echo(run_id)  # last stdout line: lets shells chain stages with $(... | tail -n1)

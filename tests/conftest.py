@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,10 @@ TINY_VQ = ["--image-size", "16", "--ch", "16", "--ch-mult", "1,2", "--num-res-bl
            "--embed-dim", "8", "--codebook-size", "32", "--perceptual-weight", "0", "--batch-size", "8",
            "--disc-start", "2", "--disc-layers", "2", "--val-every", "2", "--ckpt-every", "2", "--log-every", "1", "--val-batches", "1",
            "--num-workers", "0"]
+
+# The tiny transformer of the acceptance checks (options given later on a command line override these).
+TINY_GPT = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8", "--max-steps", "2",
+            "--val-every", "1", "--sample-every", "0", "--ckpt-every", "1", "--log-every", "1"]
 
 
 def make_image_set(folder: Path, n: int = 24, size: int = 20, classes: tuple[str, ...] = ("red", "blue"),
@@ -81,6 +86,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, script
 
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1].strip()
+
+
+def error_line(stderr: str) -> str:
+    """A failed command's one-line error: stderr holds nothing else but progress bars and MLflow's own logs."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and "%|" not in line and not re.match(r"\d{4}/\d\d/\d\d [\d:]+ [A-Z]+ mlflow", line)]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.images import grid_image
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, broadcast_from_main, rng_state, set_rng_state, setup_runtime, teardown)
+from core.runtime import (Runtime, StepInterrupt, broadcast_from_main, raise_if_out_of_memory, rng_state,
+                          set_rng_state, setup_runtime, teardown)
 from core.tracking import connect, download, get_run, stage_run, with_tracking_options
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
@@ -139,7 +140,6 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
             opt.load_state_dict(state["opt"])
             scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
             step = state["step"]
         tokenizer = None
         if rt.is_main:
@@ -154,8 +154,10 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
                 model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
-        dropout_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rt.rank + step)
+        dropout_rng = torch.Generator()
         writer = CheckpointWriter(previous_slot=slot) if rt.is_main else None
+        if state is not None:  # only now: building the tokenizer above draws from the global RNG
+            set_rng_state(state["rng"])
 
         def snapshot() -> dict:
             return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": step,
@@ -165,8 +167,12 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
         last_saved = step
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
         t0, tokens_seen = time.perf_counter(), 0
+        interrupt = StepInterrupt()
         try:
             while step < cfg.max_steps:
+                interrupt.check(rt)  # between steps: a Ctrl-C during the last one stops here
+                # label dropout depends only on (seed, step, rank), so a resumed run draws exactly the same
+                dropout_rng.manual_seed(hash((cfg.seed, step, rt.rank)))
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -183,7 +189,8 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
                         scaler.scale(loss / cfg.grad_accum).backward()
                     loss_sum += loss.item() / cfg.grad_accum
                     tokens_seen += seq[:, 1:].numel()
-                if not math.isfinite(loss_sum):
+                finite = rt.all_ranks(math.isfinite(loss_sum))  # one rank's NaN reaches every rank's gradients
+                if not finite:
                     opt.zero_grad(set_to_none=True)
                     if cfg.nan_policy == "stop":
                         raise UserError(f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
@@ -192,18 +199,16 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
                                         "or use --nan-policy skip")
                     if rt.is_main:
                         mlflow.log_metric("train/skipped_nonfinite", 1, step=step)
-                    step += 1
-                    bar.update(1)
-                    continue
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                else:  # a skipped step still counts, and still validates/checkpoints on schedule below
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                if rt.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                if rt.is_main and finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     elapsed = time.perf_counter() - t0
                     mlflow.log_metrics({"train/loss": loss_sum, "train/bits_per_token": loss_sum / math.log(2),
                                         "train/lr": lr,
@@ -222,10 +227,14 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
                     last_saved = step
                     rt.barrier()
         except KeyboardInterrupt:
-            if rt.is_main and step > last_saved:
+            if rt.is_main and step > last_saved and interrupt.at_boundary:
                 writer.save(snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
             raise
+        except (RuntimeError, MemoryError) as exc:
+            raise_if_out_of_memory(exc, cfg.batch_size)
+            raise
         finally:
+            interrupt.close()
             bar.close()
         return run.info.run_id if run else ""
 

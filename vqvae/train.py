@@ -17,8 +17,8 @@ from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
 from core.images import grid_image
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, average_gradients, broadcast_from_main, rng_state, set_rng_state, setup_runtime,
-                          teardown)
+from core.runtime import (Runtime, StepInterrupt, average_gradients, broadcast_from_main, raise_if_out_of_memory,
+                          rng_state, set_rng_state, setup_runtime, teardown)
 from core.tracking import connect, get_run, log_manifest, stage_run, with_tracking_options
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
@@ -116,7 +116,6 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
             opt_d.load_state_dict(state["opt_d"])
             scaler.load_state_dict(state["scaler"])
             scaler_d.load_state_dict(state["scaler_d"])
-            set_rng_state(state["rng"])
             step = state["step"]
         ddp_model = model
         if rt.distributed:
@@ -132,7 +131,9 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                             pin_memory=pin, persistent_workers=cfg.num_workers > 0, drop_last=False)
         val_loader = DataLoader(ImageDataset(val_df.image_path.tolist(), cfg.image_size, False),
                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
-        batches = iter(loader)
+        batches = iter(loader)  # draws a worker seed from the global RNG: restore the RNG after it
+        if state is not None:
+            set_rng_state(state["rng"])
         writer = CheckpointWriter(previous_slot=slot) if rt.is_main else None
 
         def snapshot() -> dict:
@@ -144,8 +145,10 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
         last_saved = step
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train-vqvae", disable=not rt.is_main, dynamic_ncols=True)
         t0, seen = time.perf_counter(), 0
+        interrupt = StepInterrupt()
         try:
             while step < cfg.max_steps:
+                interrupt.check(rt)  # between steps: a Ctrl-C during the last one stops here
                 if step == cfg.warmup_steps and cfg.warmup_steps > 0 and cfg.codebook_init != "none":
                     init_codebook(model, batches, rt, cfg)
                 lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
@@ -178,6 +181,7 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                     if q is not None and q.perplexity is not None:
                         logs["perplexity"] = logs.get("perplexity", 0.0) + float(q.perplexity) / cfg.grad_accum
                     seen += x.shape[0]
+                finite = rt.all_ranks(finite)  # one rank's NaN reaches every rank's gradients: all skip or stop
                 if not finite:
                     opt_ae.zero_grad(set_to_none=True)
                     opt_d.zero_grad(set_to_none=True)
@@ -188,21 +192,19 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                                         "or use --nan-policy skip")
                     if rt.is_main:
                         mlflow.log_metric("train/skipped_nonfinite", 1, step=step)
-                    step += 1
-                    bar.update(1)
-                    continue
-                scaler.step(opt_ae)
-                scaler.update()
-                opt_ae.zero_grad(set_to_none=True)
-                if step >= cfg.disc_start:
-                    scaler_d.unscale_(opt_d)
-                    average_gradients(loss_fn.discriminator, rt)
-                    scaler_d.step(opt_d)
-                    scaler_d.update()
-                    opt_d.zero_grad(set_to_none=True)
+                else:  # a skipped step still counts, and still validates/checkpoints on schedule below
+                    scaler.step(opt_ae)
+                    scaler.update()
+                    opt_ae.zero_grad(set_to_none=True)
+                    if step >= cfg.disc_start:
+                        scaler_d.unscale_(opt_d)
+                        average_gradients(loss_fn.discriminator, rt)
+                        scaler_d.step(opt_d)
+                        scaler_d.update()
+                        opt_d.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                if rt.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                if rt.is_main and finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     elapsed = time.perf_counter() - t0
                     metrics = {f"train/{k}": v for k, v in logs.items()}
                     metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
@@ -219,10 +221,14 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                     last_saved = step
                     rt.barrier()
         except KeyboardInterrupt:
-            if rt.is_main and step > last_saved:
+            if rt.is_main and step > last_saved and interrupt.at_boundary:
                 writer.save(snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
             raise
+        except (RuntimeError, MemoryError) as exc:
+            raise_if_out_of_memory(exc, cfg.batch_size)
+            raise
         finally:
+            interrupt.close()
             bar.close()
         return run.info.run_id if run else ""
 

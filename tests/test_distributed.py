@@ -1,0 +1,124 @@
+"""torchrun with 2 CPU processes (DDP over gloo): one MLflow run, identical replicas, a single-process resume."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import ROOT, TINY_GPT, TINY_VQ, invoke, last_line
+from core.checkpoint import load_checkpoint
+
+# Runs the CLI unchanged, but keeps each rank's tokenizer and loss modules and saves their final weights to
+# $RECORD_DIR, so the test compares the replicas without any test-only code path in the product.
+RECORDING_LAUNCHER = """
+import os, sys
+import torch
+import vqvae.train as train
+from cli import cli
+
+built = {}
+
+
+def recording(cls):
+    class Recorded(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built[cls.__name__] = self
+    return Recorded
+
+
+train.VQModel, train.VQGANLoss = recording(train.VQModel), recording(train.VQGANLoss)
+if os.environ["RANK"] == "1":  # a NaN loss at step 1 on this rank only: with --nan-policy skip every rank skips it
+    generator_loss = train.VQGANLoss.generator_loss
+
+    def nan_at_step_1(self, x, xrec, qloss, step, *args, **kwargs):
+        total, logs = generator_loss(self, x, xrec, qloss, step, *args, **kwargs)
+        return total * float("nan") if step == 1 else total, logs
+
+    train.VQGANLoss.generator_loss = nan_at_step_1
+cli.main(sys.argv[1:], standalone_mode=False)
+torch.save({"model": built["VQModel"].state_dict(), "discriminator": built["VQGANLoss"].discriminator.state_dict()},
+           os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, cwd: Path) -> str:
+    """Two processes on this machine; returns the run ID (rank 0's last stdout line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RECORD_DIR": str(cwd)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return last_line(proc.stdout)
+
+
+def only_run(experiment: str) -> mlflow.entities.Run:
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, "only rank 0 may create runs"
+    return runs[0]
+
+
+def steps(run_id: str, key: str) -> list[int]:
+    return sorted({m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)})
+
+
+def test_train_vqvae_with_ddp(tracking_dir, dataset, tmp_path):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(RECORDING_LAUNCHER)
+    # EMA updates, dead-code restarts, the discriminator (averaged by hand) and a skipped step must stay in sync
+    run_id = torchrun(launcher, "train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4", "--ema",
+                      "--restart-after", "1", "--grad-accum", "2", "--nan-policy", "skip", "--experiment", "ddp-vqvae",
+                      cwd=tmp_path)
+    run = only_run("ddp-vqvae")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert steps(run_id, "train/skipped_nonfinite") == [1]  # rank 1's NaN, reported by rank 0
+    assert steps(run_id, "train/total_loss") == [1, 3, 4] and steps(run_id, "val/psnr") == [2, 4]
+    assert run.data.metrics["train/d_loss"] > 0  # the discriminator trained (disc-start 2)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    saved, _ = load_checkpoint(run_id)
+    assert saved["step"] == 4
+    for part in ("model", "discriminator"):
+        for key, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][key]), f"{part}.{key} differs between ranks"
+            assert torch.equal(value, saved[part][key]), f"{part}.{key} differs from the checkpoint"
+            assert not value.is_floating_point() or torch.isfinite(value).all(), f"{part}.{key} is not finite"
+
+    res = invoke("train-vqvae", "--resume", run_id, "--max-steps", "6")  # one process picks it up
+    assert res.exit_code == 0, res.output
+    assert steps(run_id, "train/total_loss") == [1, 3, 4, 5, 6]
+    assert load_checkpoint(run_id)[0]["step"] == 6
+
+
+@pytest.fixture(scope="module")
+def quantize_run(vqvae_run) -> str:
+    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    return last_line(res.stdout)
+
+
+def test_train_transformer_with_ddp(quantize_run, tmp_path):
+    run_id = torchrun(ROOT / "train.py", "--quantize-run-id", quantize_run, *TINY_GPT, "--experiment",
+                      "ddp-transformer", cwd=tmp_path)
+    run = only_run("ddp-transformer")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["upstream_run_id"] == quantize_run
+    assert steps(run_id, "train/loss") == [1, 2] and steps(run_id, "val/loss") == [1, 2]
+    assert load_checkpoint(run_id)[0]["step"] == 2
+
+    res = invoke("train", "--resume", run_id, "--max-steps", "4")
+    assert res.exit_code == 0, res.output
+    assert steps(run_id, "train/loss") == [1, 2, 3, 4]
