@@ -5,8 +5,6 @@ import contextlib
 import datetime
 import os
 import random
-import signal
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,52 +99,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:
-    """Turn an allocation failure (GPU, CPU, or a DataLoader worker killed by the OOM killer) into advice."""
-    text = str(exc)
-    if (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in text
-            or "out of memory" in text or ("DataLoader worker" in text and "killed by signal" in text)):
-        raise UserError(f"out of memory at --batch-size {batch_size}; lower --batch-size or use --grad-accum "
-                        f"({text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__})") from None
-
-
-class StepInterrupt:
-    """Ctrl-C ends training at the end of the step in progress, so the checkpoint then saved matches the weights
-    and the logged metrics; a second Ctrl-C stops at once and keeps the last checkpoint. In the main thread only
-    (Python's rule for signal handlers); elsewhere Ctrl-C interrupts as usual."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
-        in_main = threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signal.SIGINT, self._handle) if in_main else None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def check(self, rt: Runtime) -> None:
-        """Call between steps: stops every rank at the same step once any of them got Ctrl-C."""
-        if not rt.all_ranks(not self.requested):
-            self.at_boundary = True
-            raise KeyboardInterrupt
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside a DDP wrapper."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def broadcast_from_main(rt: Runtime, *objects: Any) -> tuple:
     """Rank 0 reads MLflow; the other ranks get what it read (resume state, config) from it."""
     if not rt.distributed:

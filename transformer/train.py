@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import time
 from typing import Any
 
 import click
@@ -13,15 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from core.checkpoint import CheckpointWriter, load_checkpoint, load_weights, resolve_resume_config
+from core.checkpoint import load_checkpoint, load_weights, resolve_resume_config
 from core.data import ResumableSampler
 from core.errors import UserError
 from core.images import grid_image
+from core.loop import TrainLoop
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, StepInterrupt, broadcast_from_main, raise_if_out_of_memory, rng_state,
-                          set_rng_state, setup_runtime, teardown)
+from core.runtime import (Runtime, broadcast_from_main, rng_state, set_rng_state, setup_runtime, teardown)
 from core.tracking import connect, download, get_run, stage_run, with_tracking_options
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
@@ -155,28 +153,25 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
         dropout_rng = torch.Generator()
-        writer = CheckpointWriter(previous_slot=slot) if rt.is_main else None
         if state is not None:  # only now: building the tokenizer above draws from the global RNG
             set_rng_state(state["rng"])
 
         def snapshot() -> dict:
-            return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": step,
+            return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": loop.step,
                     "model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
                     "rng": rng_state()}
 
-        last_saved = step
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
-        t0, tokens_seen = time.perf_counter(), 0
-        interrupt = StepInterrupt()
-        try:
-            while step < cfg.max_steps:
-                interrupt.check(rt)  # between steps: a Ctrl-C during the last one stops here
+        loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train")
+        with loop.running():
+            while loop.step < cfg.max_steps:
+                loop.begin_step()
+                step = loop.step
                 # label dropout depends only on (seed, step, rank), so a resumed run draws exactly the same
                 dropout_rng.manual_seed(hash((cfg.seed, step, rt.rank)))
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, tokens = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
                     seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
@@ -188,54 +183,26 @@ def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, override
                             loss = F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
                         scaler.scale(loss / cfg.grad_accum).backward()
                     loss_sum += loss.item() / cfg.grad_accum
-                    tokens_seen += seq[:, 1:].numel()
-                finite = rt.all_ranks(math.isfinite(loss_sum))  # one rank's NaN reaches every rank's gradients
-                if not finite:
-                    opt.zero_grad(set_to_none=True)
-                    if cfg.nan_policy == "stop":
-                        raise UserError(f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
-                                        f"(step {last_saved}) is kept: resume with --resume "
-                                        f"{run.info.run_id if run else '<run id>'} and a lower --lr, "
-                                        "or use --nan-policy skip")
-                    if rt.is_main:
-                        mlflow.log_metric("train/skipped_nonfinite", 1, step=step)
-                else:  # a skipped step still counts, and still validates/checkpoints on schedule below
+                    tokens += seq[:, 1:].numel()
+                finite = loop.agree_finite(math.isfinite(loss_sum), opt)
+                if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
                     if cfg.grad_clip > 0:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     scaler.step(opt)
                     scaler.update()
                     opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if rt.is_main and finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    elapsed = time.perf_counter() - t0
+                loop.end_step(tokens)
+                if rt.is_main and finite and loop.due(cfg.log_every):
                     mlflow.log_metrics({"train/loss": loss_sum, "train/bits_per_token": loss_sum / math.log(2),
-                                        "train/lr": lr,
-                                        "train/tokens_per_sec": tokens_seen * rt.world_size / max(elapsed, 1e-9)},
-                                       step=step)
-                    bar.set_postfix(loss=f"{loss_sum:.4f}")
-                    t0, tokens_seen = time.perf_counter(), 0
-                if rt.is_main and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                                        "train/lr": lr, "train/tokens_per_sec": loop.throughput()}, step=loop.step)
+                    loop.bar.set_postfix(loss=f"{loss_sum:.4f}")
+                if rt.is_main and loop.due(cfg.val_every):
                     val = validation_loss(model, data, rt, cfg.batch_size)
-                    mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=step)
-                if rt.is_main and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.max_steps):
-                    log_samples(model, data, tokenizer, step, cfg.seed)
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                    if rt.is_main:
-                        writer.save(snapshot())
-                    last_saved = step
-                    rt.barrier()
-        except KeyboardInterrupt:
-            if rt.is_main and step > last_saved and interrupt.at_boundary:
-                writer.save(snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
-            raise
-        except (RuntimeError, MemoryError) as exc:
-            raise_if_out_of_memory(exc, cfg.batch_size)
-            raise
-        finally:
-            interrupt.close()
-            bar.close()
+                    mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
+                if rt.is_main and loop.due(cfg.sample_every):
+                    log_samples(model, data, tokenizer, loop.step, cfg.seed)
+                loop.checkpoint_if_due()
         return run.info.run_id if run else ""
 
 

@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from core.checkpoint import CheckpointWriter, load_checkpoint, load_weights, resolve_resume_config
+from core.checkpoint import load_checkpoint, load_weights, resolve_resume_config
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
 from core.images import grid_image
+from core.loop import TrainLoop
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, StepInterrupt, average_gradients, broadcast_from_main, raise_if_out_of_memory,
-                          rng_state, set_rng_state, setup_runtime, teardown)
+from core.runtime import (Runtime, average_gradients, broadcast_from_main, rng_state, set_rng_state, setup_runtime,
+                          teardown)
 from core.tracking import connect, get_run, log_manifest, stage_run, with_tracking_options
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
@@ -134,21 +133,18 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
         batches = iter(loader)  # draws a worker seed from the global RNG: restore the RNG after it
         if state is not None:
             set_rng_state(state["rng"])
-        writer = CheckpointWriter(previous_slot=slot) if rt.is_main else None
 
         def snapshot() -> dict:
-            return {"config": dataclasses.asdict(cfg), "step": step, "model": model.state_dict(),
+            return {"config": dataclasses.asdict(cfg), "step": loop.step, "model": model.state_dict(),
                     "discriminator": loss_fn.discriminator.state_dict(), "opt_ae": opt_ae.state_dict(),
                     "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(), "scaler_d": scaler_d.state_dict(),
                     "rng": rng_state()}
 
-        last_saved = step
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train-vqvae", disable=not rt.is_main, dynamic_ncols=True)
-        t0, seen = time.perf_counter(), 0
-        interrupt = StepInterrupt()
-        try:
-            while step < cfg.max_steps:
-                interrupt.check(rt)  # between steps: a Ctrl-C during the last one stops here
+        loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train-vqvae")
+        with loop.running():
+            while loop.step < cfg.max_steps:
+                loop.begin_step()
+                step = loop.step
                 if step == cfg.warmup_steps and cfg.warmup_steps > 0 and cfg.codebook_init != "none":
                     init_codebook(model, batches, rt, cfg)
                 lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
@@ -157,12 +153,11 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                         group["lr"] = lr
                 quantize = step >= cfg.warmup_steps
                 logs: dict[str, float] = {}
-                finite = True
+                finite, seen = True, 0
                 for micro in range(cfg.grad_accum):
                     x = next(batches)[0].to(rt.device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
-                    ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
-                    with ctx:
+                    with contextlib.nullcontext() if sync else ddp_model.no_sync():
                         with rt.autocast():
                             xrec, qloss, q = ddp_model(x, quantize=quantize)
                             gloss, glogs = loss_fn.generator_loss(
@@ -181,18 +176,8 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                     if q is not None and q.perplexity is not None:
                         logs["perplexity"] = logs.get("perplexity", 0.0) + float(q.perplexity) / cfg.grad_accum
                     seen += x.shape[0]
-                finite = rt.all_ranks(finite)  # one rank's NaN reaches every rank's gradients: all skip or stop
-                if not finite:
-                    opt_ae.zero_grad(set_to_none=True)
-                    opt_d.zero_grad(set_to_none=True)
-                    if cfg.nan_policy == "stop":
-                        raise UserError(f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
-                                        f"(step {last_saved}) is kept: resume with --resume "
-                                        f"{run.info.run_id if run else '<run id>'} and a lower --lr, "
-                                        "or use --nan-policy skip")
-                    if rt.is_main:
-                        mlflow.log_metric("train/skipped_nonfinite", 1, step=step)
-                else:  # a skipped step still counts, and still validates/checkpoints on schedule below
+                finite = loop.agree_finite(finite, opt_ae, opt_d)
+                if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
                     scaler.step(opt_ae)
                     scaler.update()
                     opt_ae.zero_grad(set_to_none=True)
@@ -202,34 +187,17 @@ def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dic
                         scaler_d.step(opt_d)
                         scaler_d.update()
                         opt_d.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if rt.is_main and finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    elapsed = time.perf_counter() - t0
+                loop.end_step(seen)
+                if rt.is_main and finite and loop.due(cfg.log_every):
                     metrics = {f"train/{k}": v for k, v in logs.items()}
                     metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
-                                    "train/images_per_sec": seen * rt.world_size / max(elapsed, 1e-9)})
-                    mlflow.log_metrics(metrics, step=step)
-                    bar.set_postfix(loss=f"{logs.get('total_loss', float('nan')):.4f}",
-                                    usage=f"{metrics['train/codebook_usage']:.2f}")
-                    t0, seen = time.perf_counter(), 0
-                if rt.is_main and (step % cfg.val_every == 0 or step == cfg.max_steps):
-                    validate(model, loss_fn, val_loader, rt, cfg, step)
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                    if rt.is_main:
-                        writer.save(snapshot())
-                    last_saved = step
-                    rt.barrier()
-        except KeyboardInterrupt:
-            if rt.is_main and step > last_saved and interrupt.at_boundary:
-                writer.save(snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
-            raise
-        except (RuntimeError, MemoryError) as exc:
-            raise_if_out_of_memory(exc, cfg.batch_size)
-            raise
-        finally:
-            interrupt.close()
-            bar.close()
+                                    "train/images_per_sec": loop.throughput()})
+                    mlflow.log_metrics(metrics, step=loop.step)
+                    loop.bar.set_postfix(loss=f"{logs.get('total_loss', float('nan')):.4f}",
+                                         usage=f"{metrics['train/codebook_usage']:.2f}")
+                if rt.is_main and loop.due(cfg.val_every):
+                    validate(model, loss_fn, val_loader, rt, cfg, loop.step)
+                loop.checkpoint_if_due()
         return run.info.run_id if run else ""
 
 

@@ -1,0 +1,132 @@
+"""Step bookkeeping both trainers share: progress bar, schedules, NaN policy, checkpoints, Ctrl-C and OOM."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from core.checkpoint import CheckpointWriter
+from core.errors import UserError
+from core.runtime import Runtime
+
+
+def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:
+    """Turn an allocation failure (GPU, CPU, or a DataLoader worker killed by the OOM killer) into advice."""
+    text = str(exc)
+    if (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in text
+            or "out of memory" in text or ("DataLoader worker" in text and "killed by signal" in text)):
+        raise UserError(f"out of memory at --batch-size {batch_size}; lower --batch-size or use --grad-accum "
+                        f"({text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__})") from None
+
+
+class StepInterrupt:
+    """Ctrl-C ends training at the end of the step in progress, so the checkpoint then saved matches the weights
+    and the logged metrics; a second Ctrl-C stops at once and keeps the last checkpoint. In the main thread only
+    (Python's rule for signal handlers); elsewhere Ctrl-C interrupts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
+        in_main = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGINT, self._handle) if in_main else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self, rt: Runtime) -> None:
+        """Call between steps: stops every rank at the same step once any of them got Ctrl-C."""
+        if not rt.all_ranks(not self.requested):
+            self.at_boundary = True
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class TrainLoop:
+    """Counts steps and does what happens between them, identically for every training stage.
+
+    ``snapshot()`` returns the full training state (it reads ``loop.step``); the loop saves it every
+    ``cfg.ckpt_every`` steps, at the end, and after a Ctrl-C that arrives between steps.
+    """
+
+    def __init__(self, cfg: Any, rt: Runtime, run: Any, snapshot: Callable[[], dict], step: int,
+                 previous_slot: str | None, desc: str) -> None:
+        self.cfg, self.rt, self.run, self.snapshot, self.desc = cfg, rt, run, snapshot, desc
+        self.step = self.last_saved = step
+        self.writer = CheckpointWriter(previous_slot=previous_slot) if rt.is_main else None
+        self.bar: tqdm | None = None
+        self.interrupt: StepInterrupt | None = None
+        self._items, self._t0 = 0, time.perf_counter()
+
+    def begin_step(self) -> None:
+        """Between steps: a Ctrl-C during the previous step stops training here, on every rank."""
+        self.interrupt.check(self.rt)
+
+    def due(self, every: int) -> bool:
+        """Whether something scheduled every ``every`` steps (0: only at the end) happens after this step."""
+        return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
+
+    def agree_finite(self, finite: bool, *optimizers: torch.optim.Optimizer) -> bool:
+        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients)."""
+        if self.rt.all_ranks(finite):
+            return True
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.cfg.nan_policy == "stop":
+            run_id = self.run.info.run_id if self.run else "<run id>"
+            kept = (f"the last good checkpoint (step {self.last_saved}) is kept: resume with --resume {run_id} "
+                    "and a lower --lr" if self.writer is None or self.writer.last_slot else
+                    "no checkpoint was written yet: start again with a lower --lr")
+            raise UserError(f"loss became NaN/inf at step {self.step}; stopped. {kept}, or use --nan-policy skip")
+        if self.rt.is_main:
+            import mlflow
+
+            mlflow.log_metric("train/skipped_nonfinite", 1, step=self.step)
+        return False
+
+    def end_step(self, items: int) -> None:
+        self.step += 1
+        self._items += items
+        self.bar.update(1)
+
+    def throughput(self) -> float:
+        """Items per second (all ranks) since the last call."""
+        now = time.perf_counter()
+        rate = self._items * self.rt.world_size / max(now - self._t0, 1e-9)
+        self._items, self._t0 = 0, now
+        return rate
+
+    def checkpoint_if_due(self) -> None:
+        if self.due(self.cfg.ckpt_every):
+            if self.rt.is_main:
+                self.writer.save(self.snapshot())
+            self.last_saved = self.step
+            self.rt.barrier()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Progress bar and Ctrl-C handling for the training loop; OOM becomes advice."""
+        self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.desc, disable=not self.rt.is_main,
+                        dynamic_ncols=True)
+        self.interrupt = StepInterrupt()
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.rt.is_main and self.step > self.last_saved and self.interrupt.at_boundary:
+                self.writer.save(self.snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
+            raise
+        except (RuntimeError, MemoryError) as exc:
+            raise_if_out_of_memory(exc, self.cfg.batch_size)
+            raise
+        finally:
+            self.interrupt.close()
+            self.bar.close()
