@@ -45,7 +45,10 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
     """Decorator adding one click option per CLI field of dataclass ``cls``."""
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
+        own = cls.__dict__.get("__annotations__", {})
+        # the stage's own options first in --help, then those shared through a base config
+        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+        for f in reversed(fields):
             if not f.metadata.get("cli", True):
                 continue
             name = "--" + f.name.replace("_", "-")

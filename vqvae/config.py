@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.loop import LoopOptions
 from core.options import opt
 
 
 @dataclass
-class VQConfig:
+class VQConfig(LoopOptions):
     # data
     manifest: str = opt(None, "CSV manifest with an image_path column (label, split optional).")
     image_size: int = opt(32, "Training resolution; must be divisible by the downsampling factor 2**(len(ch_mult)-1).")
@@ -48,19 +49,10 @@ class VQConfig:
     disc_layers: int = opt(3, "PatchGAN layers.")
     disc_ch: int = opt(64, "PatchGAN base channels.")
     # optimisation
-    max_steps: int = opt(1000, "Optimizer steps.")
     batch_size: int = opt(16, "Images per micro-batch (per process).")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     lr: float = opt(2e-4, "Adam learning rate (autoencoder and discriminator).")
     lr_warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.")
-    seed: int = opt(0, "Random seed.")
-    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
-    precision: str = opt("fp32", "Autocast precision (fp16 uses a GradScaler).", choices=["fp32", "bf16", "fp16"])
-    nan_policy: str = opt("stop", "On a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step.",
-                         choices=["stop", "skip"])
-    log_every: int = opt(10, "Steps between metric logs.")
     val_every: int = opt(250, "Steps between validations (metrics + reconstruction grid).")
-    ckpt_every: int = opt(500, "Steps between checkpoints.")
     val_batches: int = opt(4, "Validation batches per validation.")
 
     @property
