@@ -10,6 +10,8 @@ from vqvae.decode import decode_command
 from vqvae.evaluate import evaluate_command
 from vqvae.quantize import quantize_command
 from vqvae.train import train_vqvae_command
+from workflows.demo import demo_command
+from workflows.pipeline import pipeline_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -22,7 +24,7 @@ def cli() -> None:
 
 
 for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command,
-                make_manifest_command, evaluate_command):
+                make_manifest_command, evaluate_command, pipeline_command, demo_command):
     cli.add_command(command)
 
 if __name__ == "__main__":

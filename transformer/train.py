@@ -44,7 +44,7 @@ class CodeData:
             arr = np.load(download(run_id, f"codes/{split}.npy"), allow_pickle=False)
             codes[split] = torch.from_numpy(arr.astype(np.int64))
             part = index[index.split == split].sort_values("row")
-            labels[split] = torch.as_tensor(part.label_id.to_numpy(dtype=np.int64))
+            labels[split] = torch.tensor(part.label_id.to_numpy(dtype=np.int64))  # a copy: pandas arrays are read-only
         if len(codes["train"]) == 0:
             raise UserError(f"quantize run {run_id} has no training code grids")
         return cls(vocab, codes, labels)
