@@ -6,15 +6,43 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointWriter
+from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
 from core.errors import UserError
 from core.options import opt
-from core.runtime import Runtime
+from core.runtime import Runtime, broadcast_from_main, setup_runtime, teardown
+from core.tracking import connect, get_run
+
+
+C = TypeVar("C")
+
+
+@contextlib.contextmanager
+def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: dict | None,
+                     tracking_uri: str | None, experiment: str | None
+                     ) -> Iterator[tuple[Runtime, C, dict | None, str | None]]:
+    """Runtime (joining torchrun if launched by it) and, when resuming, the checkpoint and its merged config.
+
+    Yields (runtime, config, resume state or None, checkpoint slot); only rank 0 talks to MLflow and the
+    others receive what it read.
+    """
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    try:
+        state, slot = None, None
+        if rt.is_main:
+            connect(tracking_uri, experiment)
+            if resume_run_id:
+                get_run(resume_run_id, stage)
+                state, slot = load_checkpoint(resume_run_id)
+                cfg = resolve_resume_config(state, overrides or {}, type(cfg), resume_run_id)
+        state, cfg = broadcast_from_main(rt, state, cfg)
+        yield rt, cfg, state, slot
+    finally:
+        teardown(rt)
 
 
 @dataclass
@@ -95,8 +123,8 @@ class TrainLoop:
         """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients)."""
         if self.rt.all_ranks(finite):
             return True
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if self.cfg.nan_policy == "stop":
             run_id = self.run.info.run_id if self.run else "<run id>"
             kept = (f"the last good checkpoint (step {self.last_saved}) is kept: resume with --resume {run_id} "

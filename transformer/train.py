@@ -13,14 +13,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import load_checkpoint, load_weights, resolve_resume_config
+from core.checkpoint import load_weights
 from core.data import ResumableSampler
 from core.errors import UserError
 from core.images import grid_image
-from core.loop import TrainLoop
+from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, broadcast_from_main, rng_state, set_rng_state, setup_runtime, teardown)
-from core.tracking import connect, download, get_run, stage_run, with_tracking_options
+from core.runtime import Runtime, broadcast_from_main, rng_state, set_rng_state
+from core.tracking import download, get_run, stage_run, with_tracking_options
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
@@ -99,27 +99,16 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
                       tracking_uri: str | None = None, experiment: str | None = None) -> str:
     """Train (or resume) the transformer; returns the MLflow run ID."""
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    try:
-        return _train(cfg, rt, resume_run_id, overrides or {}, tracking_uri, experiment)
-    finally:
-        teardown(rt)
+    with training_session(cfg, "transformer", resume_run_id, overrides, tracking_uri, experiment) as session:
+        return _train(*session, resume_run_id)
 
 
-def _train(cfg: GPTTrainConfig, rt: Runtime, resume_run_id: str | None, overrides: dict,
-           tracking_uri: str | None, experiment: str | None) -> str:
+def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | None,
+           resume_run_id: str | None) -> str:
     import mlflow
 
     from vqvae.tokenizer import load_tokenizer
 
-    state, slot = None, None
-    if rt.is_main:
-        connect(tracking_uri, experiment)
-        if resume_run_id:
-            get_run(resume_run_id, "transformer")
-            state, slot = load_checkpoint(resume_run_id)
-            cfg = resolve_resume_config(state, overrides, GPTTrainConfig, resume_run_id)
-    state, cfg = broadcast_from_main(rt, state, cfg)
     with stage_run("transformer", config_params(cfg), upstream_run_id=cfg.quantize_run_id,
                    resume_run_id=resume_run_id, enabled=rt.is_main) as run:
         data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None

@@ -10,15 +10,14 @@ import click
 import torch
 from torch.utils.data import DataLoader
 
-from core.checkpoint import load_checkpoint, load_weights, resolve_resume_config
+from core.checkpoint import load_weights
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
 from core.images import grid_image
-from core.loop import TrainLoop
+from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, config_params, explicit_options
-from core.runtime import (Runtime, average_gradients, broadcast_from_main, rng_state, set_rng_state, setup_runtime,
-                          teardown)
-from core.tracking import connect, get_run, log_manifest, stage_run, with_tracking_options
+from core.runtime import Runtime, average_gradients, rng_state, set_rng_state
+from core.tracking import log_manifest, stage_run, with_tracking_options
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
 from vqvae.model import VQModel
@@ -64,27 +63,15 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
 def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict | None = None,
                 tracking_uri: str | None = None, experiment: str | None = None) -> str:
     """Train (or resume) a tokenizer; returns the MLflow run ID."""
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    try:
-        return _train(cfg, rt, resume_run_id, overrides or {}, tracking_uri, experiment)
-    finally:
-        teardown(rt)
-
-
-def _train(cfg: VQConfig, rt: Runtime, resume_run_id: str | None, overrides: dict, tracking_uri: str | None,
-           experiment: str | None) -> str:
-    import mlflow
-
-    state, slot = None, None
-    if rt.is_main:
-        connect(tracking_uri, experiment)
-        if resume_run_id:
-            get_run(resume_run_id, "vqvae")
-            state, slot = load_checkpoint(resume_run_id)
-            cfg = resolve_resume_config(state, overrides, VQConfig, resume_run_id)
     if cfg.manifest:  # absolute, so later stages find it from any working directory
         cfg = dataclasses.replace(cfg, manifest=str(Path(cfg.manifest).resolve()))
-    state, cfg = broadcast_from_main(rt, state, cfg)
+    with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as session:
+        return _train(*session, resume_run_id)
+
+
+def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None) -> str:
+    import mlflow
+
     with stage_run("vqvae", config_params(cfg), resume_run_id=resume_run_id, enabled=rt.is_main) as run:
         if cfg.image_size % cfg.downsample_factor:
             raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor "
