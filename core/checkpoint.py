@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ class CheckpointWriter:
         mlflow.log_artifact(str(pointer), ARTIFACT_DIR)  # only after the slot is complete
         self.last_slot = slot
         return slot
+
+    def close(self) -> None:
+        """Remove the local copies: the run's artifacts hold the checkpoints."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class UnsafeCheckpointError(UserError):

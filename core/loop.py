@@ -174,3 +174,5 @@ class TrainLoop:
         finally:
             self.interrupt.close()
             self.bar.close()
+            if self.writer is not None:
+                self.writer.close()

@@ -43,6 +43,14 @@ class Runtime:
         """A scaler that is active only for fp16, where small gradients underflow."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
+    def wrap(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The model DDP-wrapped when several processes train, else as it is."""
+        if not self.distributed:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

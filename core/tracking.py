@@ -5,6 +5,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -182,3 +183,17 @@ def log_manifest(df, source: str, context: str) -> None:
     with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow warns
         warnings.simplefilter("ignore", UserWarning)
         mlflow.log_input(mlflow.data.from_pandas(df, source=source, name="manifest"), context=context)
+
+
+@contextlib.contextmanager
+def artifact_folder(run_id: str | None = None, artifact_path: str | None = None) -> Iterator[Path]:
+    """A scratch folder whose files become artifacts (of the active run, or ``run_id``) when the block
+    completes; the folder is removed either way, so runs leave nothing behind in /tmp."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="artifacts-") as folder:
+        yield Path(folder)
+        if run_id:
+            mlflow.MlflowClient().log_artifacts(run_id, folder, artifact_path)
+        else:
+            mlflow.log_artifacts(folder, artifact_path)

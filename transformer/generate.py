@@ -6,7 +6,6 @@ label of each sample) and, with ``--gif``, ``samples/generation.gif`` (raster-or
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from core.errors import UserError
 from core.images import grid_image, load_rgb
 from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
-from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
 from transformer.vocab import Vocab
@@ -141,9 +140,10 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
         labels, names = sample_labels(cfg, vocab)
+        vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
         tokenizer = None
         if cfg.context_image or cfg.gif:
-            tokenizer = load_tokenizer(find_upstream(cfg.transformer_run_id, "vqvae").info.run_id, rt.device)
+            tokenizer = load_tokenizer(vqvae_run_id, rt.device)
         context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
         try:
             codes, logprob = generate(model, cfg.num_samples, grid_shape=grid, labels=labels,
@@ -153,17 +153,14 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
                                       compile=cfg.compile, progress=True)
         except ValueError as exc:  # e.g. a larger grid for a full-attention model
             raise UserError(str(exc)) from None
-        out = Path(tempfile.mkdtemp(prefix="generate-"))
-        (out / "samples").mkdir()
-        dtype = np.uint16 if vocab.codebook_size <= 2**16 else np.int32
-        np.save(out / "samples" / "codes.npy", codes.cpu().numpy().astype(dtype))
-        np.save(out / "samples" / "logprob.npy", logprob.cpu().numpy())
-        settings = {**asdict(cfg), "grid_shape": list(grid), "sample_labels": names,
-                    "vqvae_run_id": find_upstream(cfg.transformer_run_id, "vqvae").info.run_id}
-        (out / "settings.json").write_text(json.dumps(settings, indent=2))
-        if cfg.gif:
-            generation_gif(codes.cpu(), tokenizer, out / "samples" / "generation.gif")
-        mlflow.log_artifacts(str(out))
+        with artifact_folder() as out:
+            (out / "samples").mkdir()
+            np.save(out / "samples" / "codes.npy", codes.cpu().numpy().astype(vocab.code_dtype))
+            np.save(out / "samples" / "logprob.npy", logprob.cpu().numpy())
+            settings = {**asdict(cfg), "grid_shape": list(grid), "sample_labels": names, "vqvae_run_id": vqvae_run_id}
+            (out / "settings.json").write_text(json.dumps(settings, indent=2))
+            if cfg.gif:
+                generation_gif(codes.cpu(), tokenizer, out / "samples" / "generation.gif")
         mlflow.log_metric("mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
         return run.info.run_id
 

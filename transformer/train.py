@@ -135,10 +135,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 mlflow.log_params({"num_classes": vocab.num_classes, "grid_shape": "x".join(map(str, vocab.grid_shape)),
                                    "codebook_size": vocab.codebook_size, "num_params": sum(
                                        p.numel() for p in model.parameters())})
-        ddp_model = model
-        if rt.distributed:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ddp_model = rt.wrap(model)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
         dropout_rng = torch.Generator()

@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from core.errors import UserError
 
 
@@ -30,6 +32,11 @@ class Vocab:
     @property
     def vocab_size(self) -> int:
         return self.codebook_size + 1 + self.num_classes
+
+    @property
+    def code_dtype(self) -> type:
+        """Compact integer type for stored code grids."""
+        return np.uint16 if self.codebook_size <= 2**16 else np.int32
 
     def class_token(self, class_id: int) -> int:
         return self.codebook_size + 1 + class_id

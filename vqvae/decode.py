@@ -1,7 +1,6 @@
 """decode: turn code grids (of a generate or quantize run, or a .npy file) into images in a new run."""
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from core.errors import UserError
 from core.images import grid_image, to_pil
 from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
-from core.tracking import connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from vqvae.tokenizer import load_tokenizer
 
 SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
@@ -78,12 +77,11 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
             raise UserError("there are no code grids to decode")
         tok.check_indices(codes)
         images = torch.cat([tok.decode(b).cpu() for b in codes.split(cfg.batch_size)])
-        out = Path(tempfile.mkdtemp(prefix="decode-"))
-        (out / "images").mkdir()
-        for i, img in enumerate(images):
-            to_pil(img).save(out / "images" / f"{i:04d}.png")
-        grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
-        mlflow.log_artifacts(str(out))
+        with artifact_folder() as out:
+            (out / "images").mkdir()
+            for i, img in enumerate(images):
+                to_pil(img).save(out / "images" / f"{i:04d}.png")
+            grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
         mlflow.log_metric("num_images", len(images))
         return run.info.run_id
 

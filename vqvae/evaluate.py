@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from core.errors import UserError
 from core.images import grid_image
 from core.options import build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import connect, download, with_tracking_options
+from core.tracking import artifact_folder, connect, download, with_tracking_options
 from vqvae.quantize import usage_stats
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -189,11 +188,9 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
                      tags=[RunTag(k, v) for k, v in notes.items() if v]
                      + [RunTag("eval/manifest", str(cfg.manifest or tok.cfg.manifest))])
-    out = Path(tempfile.mkdtemp(prefix="evaluate-"))
-    pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
-    grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0])).save(out / "worst.png")
-    client.log_artifact(run_id, str(out / "per_image.csv"), "eval")
-    client.log_artifact(run_id, str(out / "worst.png"), "eval")
+    with artifact_folder(run_id, "eval") as out:
+        pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
+        grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0])).save(out / "worst.png")
     click.echo(", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), err=True)
     return metrics
 

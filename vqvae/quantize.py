@@ -6,7 +6,6 @@ label, label_id), ``vocab.json`` (codebook size, grid shape, special-token ids, 
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.options import build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
-from core.tracking import connect, log_manifest, stage_run, with_tracking_options
+from core.tracking import artifact_folder, connect, log_manifest, stage_run, with_tracking_options
 from transformer.vocab import Vocab
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -99,20 +98,19 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
         classes = sorted_classes(df["label"])
         vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
-        dtype = np.uint16 if tok.codebook_size <= 2**16 else np.int32
-        out = Path(tempfile.mkdtemp(prefix="quantize-"))
-        (out / "codes").mkdir()
-        t0, all_codes, index = time.perf_counter(), [], []
-        for split in ("train", "val"):
-            part = df[df.split == split].reset_index(drop=True)
-            codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
-            np.save(out / "codes" / f"{split}.npy", codes.astype(dtype))
-            index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label", "label_id"]])
-            all_codes.append(codes)
-        elapsed = time.perf_counter() - t0
-        pd.concat(index).to_csv(out / "index.csv", index=False)
-        (out / "vocab.json").write_text(vocab.to_json())
-        mlflow.log_artifacts(str(out))
+        with artifact_folder() as out:
+            (out / "codes").mkdir()
+            t0, all_codes, index = time.perf_counter(), [], []
+            for split in ("train", "val"):
+                part = df[df.split == split].reset_index(drop=True)
+                codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
+                np.save(out / "codes" / f"{split}.npy", codes.astype(vocab.code_dtype))
+                index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label",
+                                                                     "label_id"]])
+                all_codes.append(codes)
+            elapsed = time.perf_counter() - t0
+            pd.concat(index).to_csv(out / "index.csv", index=False)
+            (out / "vocab.json").write_text(vocab.to_json())
         counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
         mlflow.log_metrics({"codebook_usage": used, "perplexity": ppl, "num_images": len(df),
                             "skipped_images": skipped, "images_per_sec": len(df) / max(elapsed, 1e-9)})

@@ -103,11 +103,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             scaler.load_state_dict(state["scaler"])
             scaler_d.load_state_dict(state["scaler_d"])
             step = state["step"]
-        ddp_model = model
-        if rt.distributed:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                find_unused_parameters=cfg.warmup_steps > 0)
+        ddp_model = rt.wrap(model, find_unused_parameters=cfg.warmup_steps > 0)  # warm-up skips the quantizer
 
         sampler = ResumableSampler(len(train_df), rt.rank, rt.world_size, cfg.seed,
                                    start=step * cfg.grad_accum * cfg.batch_size)
