@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from core.errors import UserError
-from core.options import build_config, config_from_dict, config_params
+from core.options import build_config, config_from_dict, flat_values
 from core.tracking import download
 
 # Options that may differ when resuming; everything else must match the checkpoint's config.
@@ -27,8 +27,8 @@ RESUMABLE_OVERRIDES = {"max_steps", "device", "precision", "num_workers", "log_e
 def resolve_resume_config(state: dict, overrides: dict[str, Any], cls: type, run_id: str) -> Any:
     """The checkpoint's config, with the explicitly given options that may change on resume."""
     saved = state["config"]
-    fresh = config_params(build_config(cls, {**saved, **overrides}))
-    old = config_params(config_from_dict(cls, saved))
+    fresh = flat_values(build_config(cls, {**saved, **overrides}))
+    old = flat_values(config_from_dict(cls, saved))
     changed = [k for k in overrides if k not in RESUMABLE_OVERRIDES and fresh[k] != old[k]]
     if changed:
         raise UserError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming "

@@ -5,7 +5,6 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -13,7 +12,6 @@ from tqdm import tqdm
 
 from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
 from core.errors import UserError
-from core.options import opt
 from core.runtime import Runtime, broadcast_from_main, setup_runtime, teardown
 from core.tracking import connect, get_run
 
@@ -43,20 +41,6 @@ def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: d
         yield rt, cfg, state, slot
     finally:
         teardown(rt)
-
-
-@dataclass
-class LoopOptions:
-    """Options every training stage has; stage configs extend this."""
-    max_steps: int = opt(1000, "Optimizer steps.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    seed: int = opt(0, "Random seed.")
-    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
-    precision: str = opt("fp32", "Autocast precision (fp16 uses a GradScaler).", choices=["fp32", "bf16", "fp16"])
-    nan_policy: str = opt("stop", "On a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step.",
-                          choices=["stop", "skip"])
-    log_every: int = opt(10, "Steps between metric logs.")
-    ckpt_every: int = opt(500, "Steps between checkpoints.")
 
 
 def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:

@@ -1,7 +1,13 @@
 """One config dataclass per stage feeds the click options, the MLflow params and the checkpoint.
 
-A field's ``metadata`` may hold ``help``, ``choices`` and ``multiple`` (a repeatable option).
+A field's ``metadata`` may hold ``help``, ``choices``, ``multiple`` (a repeatable option), a valid range
+(``ge``/``gt``/``le``/``lt``; for tuples, per item) and ``applies`` (a predicate on the config: whether the
+option means anything with the other options chosen; inapplicable options are not logged as params).
 Tuple fields are written on the command line as comma-separated lists ("1,2,4").
+
+Stage configs derive from `Config`, whose ``__post_init__`` checks every range and the config's own
+``check()`` (incompatible pairs), so the CLI, pipeline config files and Python callers get the same one-line
+error before any work starts.
 """
 from __future__ import annotations
 
@@ -11,12 +17,66 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from core.errors import UserError
+
 T = TypeVar("T")
 
 
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
 def opt(default: Any, help_: str, **meta: Any) -> Any:
-    """A config field with its CLI help (and ``choices``/``multiple``) in the metadata."""
+    """A config field with its CLI help, and optionally ``choices``, ``multiple``, a range (``ge``, ``gt``,
+    ``le``, ``lt``) and ``applies`` (predicate on the config) in the metadata."""
+    unknown = set(meta) - {"choices", "multiple", "cli", "applies", *_BOUNDS}
+    if unknown:
+        raise TypeError(f"unknown option metadata {sorted(unknown)}")
     return dataclasses.field(default=default, metadata={"help": help_, **meta})
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The field's valid range as text, e.g. ">= 1" or "> 0, <= 1" ('' if it has none)."""
+    return ", ".join(f"{_BOUNDS[k][0]} {f.metadata[k]}" for k in _BOUNDS if k in f.metadata)
+
+
+def check_ranges(cfg: Any) -> None:
+    """One-line error for the first field outside its declared range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or not range_text(f):
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if not all(test(item, f.metadata[k]) for k, (_, test) in _BOUNDS.items() if k in f.metadata):
+                name = "--" + f.name.replace("_", "-")
+                raise UserError(f"{name} must be {range_text(f)}{' (each item)' if isinstance(value, tuple) else ''}"
+                                f", got {value if not isinstance(value, tuple) else ','.join(map(str, value))}")
+
+
+@dataclasses.dataclass
+class Config:
+    """Base of every stage config: ranges and incompatible options are checked on construction."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        self.check()
+
+    def check(self) -> None:
+        """Incompatible combinations of options: raise `UserError` with the fix."""
+
+
+@dataclasses.dataclass
+class LoopOptions(Config):
+    """Options every training stage has; stage configs extend this."""
+    max_steps: int = opt(1000, "Optimizer steps.", ge=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    seed: int = opt(0, "Random seed.", ge=0)
+    device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
+    precision: str = opt("fp32", "Autocast precision (fp16 uses a GradScaler).", choices=["fp32", "bf16", "fp16"])
+    nan_policy: str = opt("stop", "On a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step.",
+                          choices=["stop", "skip"])
+    log_every: int = opt(10, "Steps between metric logs.", ge=1)
+    ckpt_every: int = opt(500, "Steps between checkpoints.", ge=1)
 
 
 def _parse_tuple(text: str | tuple, item: type) -> tuple:
@@ -55,6 +115,8 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
             tp, item = _field_type(cls, f)
             default = f.default if f.default is not dataclasses.MISSING else None
             help_ = f.metadata.get("help", "")
+            if range_text(f):
+                help_ += f" [{range_text(f)}]"
             if f.metadata.get("multiple"):
                 opt = click.option(name, multiple=True, help=help_ + " (repeatable)")
             elif tp is bool:
@@ -69,6 +131,7 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
                 opt = click.option(name, type=ctype, default=default, required=required,
                                    show_default=default is not None, help=help_)
             fn = opt(fn)
+        fn.config_class = cls  # lets tests and tools find every command's config
         return fn
 
     return decorate
@@ -90,14 +153,21 @@ def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return build_config(cls, values)
 
 
-def config_params(cfg: Any) -> dict[str, Any]:
-    """Flat MLflow params: tuples joined with commas, None as empty string."""
+def flat_values(cfg: Any) -> dict[str, Any]:
+    """Every field as a flat value (tuples joined with commas, None as empty string), for comparisons."""
     out = {}
     for k, v in dataclasses.asdict(cfg).items():
         if isinstance(v, (tuple, list)):
             v = ",".join(map(str, v))
         out[k] = "" if v is None else v
     return out
+
+
+def config_params(cfg: Any) -> dict[str, Any]:
+    """MLflow params: the options that apply to the chosen ones, without empty values."""
+    applies = {f.name: f.metadata.get("applies") for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in flat_values(cfg).items()
+            if v != "" and (applies[k] is None or applies[k](cfg))}
 
 
 def explicit_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:

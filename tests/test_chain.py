@@ -138,9 +138,9 @@ def test_bad_input(chain, tmp_path):
            "a quantize run is needed")
     _fails(invoke("generate", "--transformer-run-id", t, "--label", "purple"), "unknown label 'purple'",
            "known labels: blue, red")
-    _fails(invoke("generate", "--transformer-run-id", t, "--top-p", "0"), "--top-p must be in (0, 1]")
-    _fails(invoke("generate", "--transformer-run-id", t, "--top-p", "1.5"), "--top-p must be in (0, 1]")
-    _fails(invoke("generate", "--transformer-run-id", t, "--top-k", "-1"), "--top-k must be >= 1")
+    _fails(invoke("generate", "--transformer-run-id", t, "--top-p", "0"), "--top-p must be > 0, <= 1")
+    _fails(invoke("generate", "--transformer-run-id", t, "--top-p", "1.5"), "--top-p must be > 0, <= 1")
+    _fails(invoke("generate", "--transformer-run-id", t, "--top-k", "-1"), "--top-k must be >= 0")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     _fails(invoke("generate", "--transformer-run-id", t, "--context-image", tmp_path / "broken.png"),
            "cannot read --context-image")

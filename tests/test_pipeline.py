@@ -105,16 +105,16 @@ def test_failed_stage_stops_with_one_line_and_a_rerun_continues(tracking_dir, da
                            "  max-steps: 2\n  val-batches: 1\n"
                            "quantize:\n  num_workers: 0\n"
                            "train: {n-layer: 1, n-head: 2, n-embd: 16, max-steps: 2, batch-size: 4, sample-every: 0}\n"
-                           "generate:\n  num-samples: 4\n  top-p: 2.0\n")
+                           "generate:\n  num-samples: 4\n  label: purple\n")
     res = invoke("pipeline", "--manifest", dataset, "--config", yaml_config, "--experiment", exp)
     assert res.exit_code == 1
-    assert last_line(res.stderr).startswith("Error: generate stage failed: --top-p must be in (0, 1]")
+    assert last_line(res.stderr).startswith("Error: generate stage failed: unknown label 'purple'")
     statuses = {r.data.tags["stage"]: r.info.status for r in mlflow.search_runs(experiment_names=[exp],
                                                                                 output_format="list")}
     assert statuses == {"vqvae": "FINISHED", "quantize": "FINISHED", "transformer": "FINISHED",
                         "generate": "FAILED"}
 
-    _, actions = pipeline("--manifest", dataset, "--config", yaml_config, "--set", "generate.top-p=0.9",
+    _, actions = pipeline("--manifest", dataset, "--config", yaml_config, "--set", "generate.label=red",
                           experiment=exp)
     assert [actions[s] for s in SECTIONS] == ["reused"] * 3 + ["ran"] * 2
 

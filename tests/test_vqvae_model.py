@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
 from vqvae.config import VQConfig
 from vqvae.model import AttnBlock, VQModel
 
@@ -71,5 +72,5 @@ def test_autoencoder_warmup_bypasses_quantizer():
 
 
 def test_bad_image_size():
-    with pytest.raises(ValueError, match="divisible"):
-        VQModel(make_cfg(image_size=30, ch_mult=(1, 2, 2)))
+    with pytest.raises(UserError, match="divisible"):
+        make_cfg(image_size=30, ch_mult=(1, 2, 2))

@@ -3,27 +3,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.loop import LoopOptions
-from core.options import opt
+from core.errors import UserError
+from core.options import LoopOptions, opt
 
 
 @dataclass
 class GPTTrainConfig(LoopOptions):
     quantize_run_id: str = opt(None, "Run ID of the quantize stage.")
     # model
-    n_layer: int = opt(4, "Transformer blocks.")
-    n_head: int = opt(4, "Attention heads.")
-    n_embd: int = opt(128, "Embedding width.")
-    dropout: float = opt(0.0, "Dropout.")
-    window_size: int = opt(0, "2-D local causal attention window w (0: full causal attention).")
+    n_layer: int = opt(4, "Transformer blocks.", ge=1)
+    n_head: int = opt(4, "Attention heads.", ge=1)
+    n_embd: int = opt(128, "Embedding width.", ge=1)
+    dropout: float = opt(0.0, "Dropout.", ge=0, lt=1)
+    window_size: int = opt(0, "2-D local causal attention window w (0: full causal attention).", ge=0)
     label_dropout: float = opt(0.1, "Share of training sequences whose class token is replaced by the null token "
-                                   "(enables classifier-free guidance).")
+                                   "(enables classifier-free guidance).", ge=0, lt=1)
     # optimisation
-    batch_size: int = opt(32, "Sequences per micro-batch (per process).")
-    lr: float = opt(3e-4, "Peak AdamW learning rate.")
-    min_lr: float = opt(3e-5, "Learning rate at the end of the cosine schedule.")
-    lr_warmup_steps: int = opt(100, "Linear warm-up steps.")
-    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).")
-    grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
-    val_every: int = opt(250, "Steps between validations.")
-    sample_every: int = opt(500, "Steps between logged sample grids (0: only at the end).")
+    batch_size: int = opt(32, "Sequences per micro-batch (per process).", ge=1)
+    lr: float = opt(3e-4, "Peak AdamW learning rate.", gt=0)
+    min_lr: float = opt(3e-5, "Learning rate at the end of the cosine schedule.", ge=0)
+    lr_warmup_steps: int = opt(100, "Linear warm-up steps.", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).", ge=0)
+    grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).", ge=0)
+    val_every: int = opt(250, "Steps between validations.", ge=1)
+    sample_every: int = opt(500, "Steps between logged sample grids (0: only at the end).", ge=0)
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        if self.min_lr > self.lr:
+            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")

@@ -18,7 +18,7 @@ from torchvision import transforms
 from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
-from core.options import build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from transformer.model import GPT, GPTConfig
@@ -27,22 +27,23 @@ from transformer.vocab import Vocab
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Config):
     transformer_run_id: str = opt(None, "Run ID of the train (transformer) stage.")
-    num_samples: int = opt(16, "Number of code grids to sample.")
+    num_samples: int = opt(16, "Number of code grids to sample.", ge=1)
     label: tuple[str, ...] = opt((), "Class label (name or id) to sample; several cycle over the samples. "
                                     "Default for a conditional model: every class in turn.", multiple=True)
-    cfg_scale: float = opt(1.0, "Classifier-free guidance scale s: logits_u + s (logits_c - logits_u); 1 = off.")
-    temperature: float = opt(1.0, "Softmax temperature.")
-    top_k: int = opt(0, "Keep the k most likely codes (0: all).")
-    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass (0, 1].")
-    seed: int = opt(0, "Random seed: the same seed gives the same samples.")
-    best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.")
+    cfg_scale: float = opt(1.0, "Classifier-free guidance scale s: logits_u + s (logits_c - logits_u); 1 = off.", ge=0)
+    temperature: float = opt(1.0, "Softmax temperature.", gt=0)
+    top_k: int = opt(0, "Keep the k most likely codes (0: all).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass.", gt=0, le=1)
+    seed: int = opt(0, "Random seed: the same seed gives the same samples.", ge=0)
+    best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.", ge=1)
     context_image: str = opt(None, "Complete this image: its top rows are kept, the rest is sampled.")
-    context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.")
+    context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.", gt=0, lt=1,
+                                applies=lambda c: bool(c.context_image))
     latent_size: str = opt(None, "Code grid HxW to sample, e.g. 32x32 (default: the training grid). Larger grids "
                                 "need a model trained with --window-size.")
-    batch_size: int = opt(64, "Samples per batch.")
+    batch_size: int = opt(64, "Samples per batch.", ge=1)
     gif: bool = opt(False, "Also write an animation of the raster-order decoding.")
     cache: bool = opt(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
                            "for reference).")
@@ -60,19 +61,6 @@ def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, 
     if h < 1 or w < 1:
         raise UserError(f"--latent-size must be positive, got {text!r}")
     return h, w
-
-
-def check_sampling_args(cfg: GenerateConfig) -> None:
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k < 0:
-        raise UserError(f"--top-k must be >= 1 (or 0 for no limit), got {cfg.top_k}")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.num_samples < 1 or cfg.best_of < 1 or cfg.batch_size < 1:
-        raise UserError("--num-samples, --best-of and --batch-size must be >= 1")
-    if not 0 < cfg.context_fraction < 1:
-        raise UserError(f"--context-fraction must be between 0 and 1, got {cfg.context_fraction}")
 
 
 def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
@@ -136,7 +124,6 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
     rt = setup_runtime(cfg.device)
     connect(tracking_uri, experiment)
     with stage_run("generate", config_params(cfg), upstream_run_id=cfg.transformer_run_id) as run:
-        check_sampling_args(cfg)
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
         labels, names = sample_labels(cfg, vocab)

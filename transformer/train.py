@@ -114,8 +114,6 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None
         (data,) = broadcast_from_main(rt, data)
         vocab = data.vocab
-        if cfg.n_embd % cfg.n_head:
-            raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}")
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_embd=cfg.n_embd, window_size=cfg.window_size, dropout=cfg.dropout)

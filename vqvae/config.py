@@ -1,60 +1,106 @@
-"""The tokenizer stage's one config: CLI options, MLflow params and the checkpoint all come from it."""
+"""The tokenizer's configs: `VQModelConfig` (the architecture: all a model file needs) and `VQConfig`, the
+train-vqvae stage's one config (architecture + data, losses, optimisation), which feeds the CLI options, the
+MLflow params and the checkpoint. Importing this module does not import the training stack."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from core.loop import LoopOptions
-from core.options import opt
+from core.errors import UserError
+from core.options import Config, LoopOptions, opt
+
+
+def _vq(cfg: "VQModelConfig") -> bool:
+    return cfg.quantizer == "vq"
 
 
 @dataclass
-class VQConfig(LoopOptions):
-    # data
-    manifest: str = opt(None, "CSV manifest with an image_path column (label, split optional).")
-    image_size: int = opt(32, "Training resolution; must be divisible by the downsampling factor 2**(len(ch_mult)-1).")
-    val_fraction: float = opt(0.1, "Validation share when the manifest has no split column (hash of the path).")
-    skip_bad_images: bool = opt(False, "Skip missing/unreadable images (with a count) instead of failing.")
-    num_workers: int = opt(0, "DataLoader worker processes.")
-    flip: bool = opt(True, "Random horizontal flips for training images.")
-    # model (taming-style encoder/decoder; the published f16 model is ch 128, ch_mult 1,1,2,2,4, attn 16)
-    ch: int = opt(64, "Base channel count.")
-    ch_mult: tuple[int, ...] = opt((1, 2, 2), "Channel multiplier per resolution level.")
-    num_res_blocks: int = opt(1, "ResNet blocks per level (decoder uses one more).")
-    attn_resolutions: tuple[int, ...] = opt((), "Feature-map sizes with self-attention.")
-    z_channels: int = opt(64, "Encoder output channels.")
-    embed_dim: int = opt(64, "Channels entering the quantizer.")
-    dropout: float = opt(0.0, "Dropout in ResNet blocks.")
+class VQModelConfig(Config):
+    """Encoder/decoder and quantizer architecture (taming-style; the published f16 model is ch 128,
+    ch_mult 1,1,2,2,4, attn 16, z/embed 256)."""
+    image_size: int = opt(32, "Training resolution; must be divisible by the downsampling factor 2**(len(ch_mult)-1).",
+                          ge=8)
+    ch: int = opt(64, "Base channel count.", ge=1)
+    ch_mult: tuple[int, ...] = opt((1, 2, 2), "Channel multiplier per resolution level.", ge=1)
+    num_res_blocks: int = opt(1, "ResNet blocks per level (decoder uses one more).", ge=1)
+    attn_resolutions: tuple[int, ...] = opt((), "Feature-map sizes with self-attention.", ge=1)
+    z_channels: int = opt(64, "Encoder output channels.", ge=1)
+    embed_dim: int = opt(64, "Channels entering the quantizer.", ge=1)
+    dropout: float = opt(0.0, "Dropout in ResNet blocks.", ge=0, lt=1)
     # quantizer
     quantizer: str = opt("vq", "Vector quantizer or finite scalar quantization.", choices=["vq", "fsq"])
-    codebook_size: int = opt(256, "Number of codes (vq).")
-    code_dim: int = opt(0, "Low-dimensional code lookup with in/out projections (0: embed_dim).")
-    beta: float = opt(0.25, "Commitment weight: beta * ||z_e - sg[e]||^2.")
-    l2_norm: bool = opt(False, "l2-normalise latents and codes (cosine-similarity lookup).")
-    ema: bool = opt(False, "Update the codebook by exponential moving averages instead of the codebook loss.")
-    ema_decay: float = opt(0.99, "EMA decay.")
-    codebook_init: str = opt("none", "Initialise codes from encoder outputs after the AE warm-up.",
-                            choices=["none", "kmeans", "random"])
-    warmup_steps: int = opt(0, "Autoencoder warm-up steps without quantization.")
-    restart_after: int = opt(0, "Restart codes unused for this many steps with recent encoder outputs (0: off).")
-    usage_window: int = opt(100, "Steps over which codebook usage is measured.")
-    fsq_levels: tuple[int, ...] = opt((8, 5, 5, 5), "FSQ levels per dimension (codebook size = product).")
-    # losses
-    rec_loss: str = opt("l1", "Pixel reconstruction loss.", choices=["l1", "l2"])
-    perceptual_weight: float = opt(1.0, "LPIPS (VGG16) weight; 0 disables it (no pretrained weights needed).")
-    perceptual_backbone: str = opt("pretrained", "LPIPS backbone: torchvision VGG16 weights, or random init (tests).",
-                                  choices=["pretrained", "random"])
-    codebook_weight: float = opt(1.0, "Weight of the quantizer loss.")
-    disc_weight: float = opt(0.8, "Weight of the adaptive GAN term.")
-    disc_start: int = opt(10_000, "Step at which the discriminator and GAN loss switch on.")
-    disc_layers: int = opt(3, "PatchGAN layers.")
-    disc_ch: int = opt(64, "PatchGAN base channels.")
-    # optimisation
-    batch_size: int = opt(16, "Images per micro-batch (per process).")
-    lr: float = opt(2e-4, "Adam learning rate (autoencoder and discriminator).")
-    lr_warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.")
-    val_every: int = opt(250, "Steps between validations (metrics + reconstruction grid).")
-    val_batches: int = opt(4, "Validation batches per validation.")
+    codebook_size: int = opt(256, "Number of codes (vq).", ge=2, applies=_vq)
+    code_dim: int = opt(0, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, applies=_vq)
+    beta: float = opt(0.25, "Commitment weight: beta * ||z_e - sg[e]||^2.", ge=0, applies=_vq)
+    l2_norm: bool = opt(False, "l2-normalise latents and codes (cosine-similarity lookup).", applies=_vq)
+    ema: bool = opt(False, "Update the codebook by exponential moving averages instead of the codebook loss.",
+                    applies=_vq)
+    ema_decay: float = opt(0.99, "EMA decay.", ge=0, lt=1, applies=lambda c: _vq(c) and c.ema)
+    restart_after: int = opt(0, "Restart codes unused for this many steps with recent encoder outputs (0: off).",
+                             ge=0, applies=_vq)
+    usage_window: int = opt(100, "Steps over which codebook usage is measured.", ge=1)
+    fsq_levels: tuple[int, ...] = opt((8, 5, 5, 5), "FSQ levels per dimension (codebook size = product).", ge=2,
+                                      applies=lambda c: c.quantizer == "fsq")
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def check(self) -> None:
+        if not self.ch_mult:
+            raise UserError("--ch-mult needs at least one level, e.g. 1,2,2")
+        if self.image_size % self.downsample_factor:
+            raise UserError(f"--image-size {self.image_size} is not divisible by the downsampling factor "
+                            f"{self.downsample_factor} (2**(len(ch_mult)-1)); use a multiple of it")
+
+    def model_config(self) -> "VQModelConfig":
+        """Just the architecture (what a weights-only model file needs)."""
+        return VQModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VQModelConfig)})
+
+
+@dataclass
+class VQConfig(LoopOptions, VQModelConfig):
+    # data
+    manifest: str = opt(None, "CSV manifest with an image_path column (label, split optional).")
+    val_fraction: float = opt(0.1, "Validation share when the manifest has no split column (hash of the path).",
+                              ge=0, lt=1)
+    skip_bad_images: bool = opt(False, "Skip missing/unreadable images (with a count) instead of failing.")
+    num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+    flip: bool = opt(True, "Random horizontal flips for training images.")
+    # codebook initialisation
+    codebook_init: str = opt("none", "Initialise codes from encoder outputs after the AE warm-up.",
+                             choices=["none", "kmeans", "random"], applies=_vq)
+    warmup_steps: int = opt(0, "Autoencoder warm-up steps without quantization.", ge=0)
+    # losses
+    rec_loss: str = opt("l1", "Pixel reconstruction loss.", choices=["l1", "l2"])
+    perceptual_weight: float = opt(1.0, "LPIPS (VGG16) weight; 0 disables it (no pretrained weights needed).", ge=0)
+    perceptual_backbone: str = opt("pretrained", "LPIPS backbone: torchvision VGG16 weights, or random init (tests).",
+                                   choices=["pretrained", "random"], applies=lambda c: c.perceptual_weight > 0)
+    codebook_weight: float = opt(1.0, "Weight of the quantizer loss.", ge=0, applies=_vq)
+    disc_weight: float = opt(0.8, "Weight of the adaptive GAN term.", ge=0, applies=lambda c: c.gan_used)
+    disc_start: int = opt(10_000, "Step at which the discriminator and GAN loss switch on.", ge=0)
+    disc_layers: int = opt(3, "PatchGAN layers.", ge=1, applies=lambda c: c.gan_used)
+    disc_ch: int = opt(64, "PatchGAN base channels.", ge=1, applies=lambda c: c.gan_used)
+    # optimisation
+    batch_size: int = opt(16, "Images per micro-batch (per process).", ge=1)
+    lr: float = opt(2e-4, "Adam learning rate (autoencoder and discriminator).", gt=0)
+    lr_warmup_steps: int = opt(0, "Linear learning-rate warm-up steps.", ge=0)
+    val_every: int = opt(250, "Steps between validations (metrics + reconstruction grid).", ge=1)
+    val_batches: int = opt(4, "Validation batches per validation.", ge=1)
+
+    @property
+    def gan_used(self) -> bool:
+        """Whether the discriminator switches on within this run."""
+        return self.disc_start < self.max_steps
+
+    def check(self) -> None:
+        super().check()
+        if self.quantizer == "fsq" and self.codebook_init != "none":
+            raise UserError("--codebook-init applies to --quantizer vq only (FSQ has no codebook to initialise); "
+                            "drop --codebook-init or use --quantizer vq")
+        if self.codebook_init != "none" and self.warmup_steps == 0:
+            raise UserError(f"--codebook-init {self.codebook_init} initialises the codebook from encoder outputs "
+                            "after the autoencoder warm-up; pass --warmup-steps N (N > 0)")
+        if self.gan_used and self.image_size < 2 ** (self.disc_layers + 2):
+            raise UserError(f"--image-size {self.image_size} is too small for a {self.disc_layers}-layer PatchGAN "
+                            f"(needs at least {2 ** (self.disc_layers + 2)}); lower --disc-layers")

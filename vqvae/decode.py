@@ -11,7 +11,7 @@ import torch
 
 from core.errors import UserError
 from core.images import grid_image, to_pil
-from core.options import build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
 from vqvae.tokenizer import load_tokenizer
@@ -20,14 +20,14 @@ SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Config):
     run_id: str = opt(None, "A generate or quantize run whose code grids to decode.")
     indices: str = opt(None, ".npy file of code grids (N,h,w) from elsewhere (needs --vqvae-run-id).")
     vqvae_run_id: str = opt(None, "Tokenizer run for --indices.")
     split: str = opt("val", "Split to decode from a quantize run.", choices=["train", "val"])
-    max_images: int = opt(64, "Decode at most this many grids.")
-    nrow: int = opt(8, "Images per row in the grid.")
-    batch_size: int = opt(32, "Grids decoded per batch.")
+    max_images: int = opt(64, "Decode at most this many grids.", ge=1)
+    nrow: int = opt(8, "Images per row in the grid.", ge=1)
+    batch_size: int = opt(32, "Grids decoded per batch.", ge=1)
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.images import grid_image
-from core.options import build_config, config_options, opt
+from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, download, with_tracking_options
 from vqvae.quantize import usage_stats
@@ -39,16 +39,16 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage to evaluate.")
     manifest: str = opt(None, "Manifest whose val split to use (default: the tokenizer's, split as in training).")
-    max_images: int = opt(None, "Evaluate at most this many val images (default: all).")
-    batch_size: int = opt(32, "Images per batch.")
-    num_workers: int = opt(0, "DataLoader worker processes.")
+    max_images: int = opt(None, "Evaluate at most this many val images (default: all).", ge=1)
+    batch_size: int = opt(32, "Images per batch.", ge=1)
+    num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     fid: bool = opt(True, "Compute rFID (needs torch-fidelity and its Inception weights offline; biased upwards "
                           "on few images).")
-    worst: int = opt(8, "Images in the worst-PSNR grid eval/worst.png.")
+    worst: int = opt(8, "Images in the worst-PSNR grid eval/worst.png.", ge=1)
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
@@ -207,7 +207,5 @@ def evaluate_command(tracking_uri: str | None, experiment: str, **values: Any) -
     cfg = build_config(EvalConfig, values)
     if not cfg.vqvae_run_id:
         raise UserError("--vqvae-run-id is required (the run ID printed by train-vqvae)")
-    if (cfg.max_images is not None and cfg.max_images < 1) or cfg.batch_size < 1 or cfg.worst < 1:
-        raise UserError("--max-images, --batch-size and --worst must be at least 1")
     evaluate(cfg, tracking_uri, experiment)
     click.echo(cfg.vqvae_run_id)

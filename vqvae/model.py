@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqvae.config import VQConfig
+from vqvae.config import VQModelConfig
 from vqvae.quantizer import QuantOut, build_quantizer
 
 
@@ -66,7 +66,7 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQModelConfig):
         super().__init__()
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         blocks: list[nn.Module] = []
@@ -91,7 +91,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQModelConfig):
         super().__init__()
         ch, res = cfg.ch * cfg.ch_mult[-1], cfg.image_size // cfg.downsample_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
@@ -118,11 +118,8 @@ class Decoder(nn.Module):
 class VQModel(nn.Module):
     """Image (B, 3, H, W) in [-1, 1] <-> latent grid (B, embed_dim, H/f, W/f) <-> code indices (B, H/f, W/f)."""
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQModelConfig):
         super().__init__()
-        if cfg.image_size % cfg.downsample_factor:
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by the downsampling factor "
-                             f"{cfg.downsample_factor} (2**(len(ch_mult)-1))")
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
-from core.options import build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, log_manifest, stage_run, with_tracking_options
 from transformer.vocab import Vocab
@@ -28,11 +28,11 @@ from vqvae.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(Config):
     vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage.")
     manifest: str = opt(None, "CSV manifest to encode (default: the tokenizer's).")
-    batch_size: int = opt(64, "Images per batch.")
-    num_workers: int = opt(2, "DataLoader worker processes.")
+    batch_size: int = opt(64, "Images per batch.", ge=1)
+    num_workers: int = opt(2, "DataLoader worker processes.", ge=0)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
     precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqvae.config import VQConfig
+from vqvae.config import VQModelConfig
 
 
 @dataclass
@@ -111,7 +111,7 @@ class VectorQuantizer(_UsageTracker):
     computed in the code space (after the input projection, after l2-normalisation).
     """
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQModelConfig):
         super().__init__(cfg.codebook_size, cfg.usage_window)
         self.embed_dim = cfg.embed_dim
         self.code_dim = cfg.code_dim or cfg.embed_dim
@@ -234,7 +234,7 @@ class FSQ(_UsageTracker):
     the mixed-radix number of the per-dimension digits. No loss, no collapse by construction.
     """
 
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQModelConfig):
         levels = torch.tensor(cfg.fsq_levels, dtype=torch.long)
         super().__init__(int(levels.prod()), cfg.usage_window)
         basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)
@@ -278,7 +278,7 @@ class FSQ(_UsageTracker):
         return self.proj_out(self.indices_to_codes(indices).permute(0, 3, 1, 2).contiguous())
 
 
-def build_quantizer(cfg: VQConfig) -> VectorQuantizer | FSQ:
+def build_quantizer(cfg: VQModelConfig) -> VectorQuantizer | FSQ:
     """The quantizer named by `cfg.quantizer` ("vq" or "fsq")."""
     if cfg.quantizer == "vq":
         return VectorQuantizer(cfg)

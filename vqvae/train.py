@@ -73,12 +73,6 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
     import mlflow
 
     with stage_run("vqvae", config_params(cfg), resume_run_id=resume_run_id, enabled=rt.is_main) as run:
-        if cfg.image_size % cfg.downsample_factor:
-            raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor "
-                            f"{cfg.downsample_factor} (2**(len(ch_mult)-1)); use a multiple of it")
-        if cfg.disc_start < cfg.max_steps and cfg.image_size < 2 ** (cfg.disc_layers + 2):
-            raise UserError(f"--image-size {cfg.image_size} is too small for a {cfg.disc_layers}-layer PatchGAN "
-                            f"(needs at least {2 ** (cfg.disc_layers + 2)}); lower --disc-layers")
         if cfg.manifest is None:
             raise UserError("--manifest is required: a CSV with an image_path column")
         df, skipped = read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)

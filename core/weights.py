@@ -1,0 +1,44 @@
+"""Weights-only models: a safetensors file plus a JSON config — what inference needs, nothing that can run code.
+
+Layout (a folder, and the run artifact folder ``model/``): ``weights.safetensors`` and ``config.json`` =
+``{"kind": ..., "config": {...}, "step": N}``. Training checkpoints (optimizers, discriminator) are for resuming;
+every inference stage loads this instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import UserError
+
+MODEL_DIR = "model"
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_weights(folder: str | Path, state_dict: dict[str, torch.Tensor], kind: str, config: dict[str, Any],
+                 step: int = 0) -> Path:
+    """Write ``weights.safetensors`` + ``config.json`` into ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage: store plain copies
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in state_dict.items()}, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps({"kind": kind, "config": config, "step": int(step)}, indent=2))
+    return folder
+
+
+def load_weights_folder(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(state_dict, config, step) of a weights-only model folder; a wrong kind is a one-line error."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model in {folder}: {str(exc).splitlines()[0][:200]}") from None
+    if meta.get("kind") != kind:
+        raise UserError(f"the model in {folder} is a {meta.get('kind')!r} model, but a {kind!r} model is needed")
+    return state, meta["config"], int(meta.get("step", 0))
