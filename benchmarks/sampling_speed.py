@@ -45,13 +45,14 @@ def concat_cache_generate(model: GPT, num_samples: int, seed: int = 0) -> torch.
     model.eval()
     h, hd = cfg.n_head, cfg.n_embd // cfg.n_head
     u = torch.rand(num_samples, H * W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    index, mask = model._attention_index((H, W), torch.device("cpu"), torch.float32)
+    index, mask = model._attention_index((H, W), torch.device("cpu"), torch.float32, windowed=False)
+    pos = model.positions((H, W))  # the code fed at step t >= 1 sits at raster position t - 1
     biases = [blk.attn.rel_bias[:, index] + mask for blk in model.blocks]  # (h, T, T), built once
     x = torch.full((num_samples, 1), cfg.sos_id)
     out, past = [], []
     for t in range(H * W):
         layer_past = torch.cat(past, dim=-2) if past else None  # (L, 2, B, h, t, hd): a full copy each step
-        z = model.tok_emb(x)
+        z = model.tok_emb(x) if pos is None or t == 0 else model.tok_emb(x) + pos[t - 1]
         presents = []
         for layer, blk in enumerate(model.blocks):
             a = blk.ln1(z)

@@ -192,7 +192,7 @@ class Attention(nn.Module):
             y = windowed_attention(q, k, v, self.rel_bias, index, mask, grid, self.window, p)
         else:
             bias = self.rel_bias[:, index].to(q.dtype) + mask  # the gather keeps the table differentiable
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p)  # 4-D: the fused CPU kernel
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -312,7 +312,7 @@ class GPT(nn.Module):
     def setup_cache(self, batch_size: int, grid_shape: tuple[int, int] | None = None, compile: bool = False) -> None:
         """Allocate the caches for generating `grid_shape` and precompute, for every position, the ring slot it
         writes, the slots it reads and their bias + mask, and the decode weights. Call it again after the weights
-        change. compile: torch.compile the decode step (fixed shapes; CUDA graphs on CUDA)."""
+        change. compile (CUDA only): torch.compile the decode step into CUDA graphs (fixed shapes)."""
         grid = self.check_grid(grid_shape)
         H, W = grid
         w = self.config.window
@@ -351,8 +351,9 @@ class GPT(nn.Module):
         # positions sharing a bias pattern share a table row: the table stays small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
         bias = torch.stack([blk.attn.rel_bias[:, patterns.clamp(min=0)] for blk in self.blocks]).to(dtype)
-        self._decode_bias = (bias + _additive(patterns >= 0, dtype)).transpose(1, 2).unsqueeze(3).contiguous()
-        # (layers, patterns, h, 1, L): an attention mask per layer, sliced by decode_step without any gather
+        # (layers, patterns, 1, h, 1, L): an attention mask per layer, sliced by decode_step without any gather;
+        # 4-D masks take SDPA's fused CPU kernel, 3-D ones its slow reference path
+        self._decode_bias = (bias + _additive(patterns >= 0, dtype)).transpose(1, 2)[:, :, None, :, None].contiguous()
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
@@ -365,11 +366,11 @@ class GPT(nn.Module):
         self._weights = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]), *t(blk.mlp[2]))
                          for blk in self.blocks]
         self._head_t = self.head.weight.t().contiguous()
-        self._use_compiled = compile
-        if compile and self._compiled is None:
-            cuda = dev.type == "cuda"  # CUDA: graphs replay the whole step; CPU: inductor's fused C++ kernels
-            self._compiled = torch.compile(self._decode, mode="reduce-overhead" if cuda else None, fullgraph=True)
-        if compile and dev.type == "cuda":
+        # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
+        self._use_compiled = compile and dev.type == "cuda"
+        if self._use_compiled and self._compiled is None:
+            self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
+        if self._use_compiled:
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
                 torch._dynamo.mark_static_address(cache.kv)
 
@@ -384,8 +385,7 @@ class GPT(nn.Module):
         slot, start, length, pattern = self._steps[position]
         pos = None if self._positions is None else self._positions[position]
         if self._use_compiled:  # static shapes: the whole fixed-size window, gathered by index tensors
-            if self._slot_of_code.is_cuda:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
             return self._compiled(token, pos, self._slot_of_code[position], self._read_slots[position],
                                   self._decode_bias[:, pattern])
         return self._decode(token, pos, slot, slice(start, start + length), self._decode_bias[:, pattern, ..., :length])
@@ -393,7 +393,7 @@ class GPT(nn.Module):
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
                 bias: Tensor) -> Tensor:
         """One token through every layer: write its keys/values into ring slot `slot`, attend to the ring's
-        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with masks bias (layers, h, 1, L)."""
+        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with masks bias (layers, 1, h, 1, L)."""
         x = self.tok_emb(token)
         if pos is not None:
             x = x + pos
