@@ -103,8 +103,9 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static):
-    model = tiny(window, grid)
+@pytest.mark.parametrize("pos_emb", ["rowcol", "none"])
+def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_emb):
+    model = tiny(window, grid, pos_emb=pos_emb)
     H, W = gen_grid
     with torch.inference_mode():
         tokens = torch.randint(11, (3, 1 + H * W))
@@ -119,7 +120,7 @@ def test_cache_memory_bounded_by_window():
 
     def cache_shapes(grid):
         model.setup_cache(2, grid)
-        return [tuple(c.kv.shape) for c in model._caches]
+        return [tuple(c.kv.shape) for c in model._caches] + [tuple(model._decode_bias.shape)]  # + mask table
 
     assert cache_shapes((8, 8)) == cache_shapes((32, 8))  # grid height does not matter
     assert cache_shapes((8, 8))[0] == (2, 2, 2, (3 + 1) * 8, 8)  # R = w rows of the grid width + a prefix per column
