@@ -348,12 +348,10 @@ class GPT(nn.Module):
         is_prefix = slot_row < 0
         index = torch.where(is_prefix, 2 * w * w, index)
         visible = torch.where(is_prefix, slots == start[:, None], visible)
-        # positions sharing a bias pattern share a table row: the table stays small on large grids
+        # positions sharing a bias pattern share a table row: the tables stay small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
-        bias = torch.stack([blk.attn.rel_bias[:, patterns.clamp(min=0)] for blk in self.blocks]).to(dtype)
-        # (layers, patterns, 1, h, 1, L): an attention mask per layer, sliced by decode_step without any gather;
-        # 4-D masks take SDPA's fused CPU kernel, 3-D ones its slow reference path
-        self._decode_bias = (bias + _additive(patterns >= 0, dtype)).transpose(1, 2)[:, :, None, :, None].contiguous()
+        self._pattern_index, self._pattern_mask = patterns.clamp(min=0), _additive(patterns >= 0, dtype)
+        self._rel_bias = torch.stack([blk.attn.rel_bias for blk in self.blocks]).to(dtype)  # every layer's, one gather
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
@@ -387,8 +385,14 @@ class GPT(nn.Module):
         if self._use_compiled:  # static shapes: the whole fixed-size window, gathered by index tensors
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
             return self._compiled(token, pos, self._slot_of_code[position], self._read_slots[position],
-                                  self._decode_bias[:, pattern])
-        return self._decode(token, pos, slot, slice(start, start + length), self._decode_bias[:, pattern, ..., :length])
+                                  self._decode_bias(pattern, self._pattern_index.shape[1]))
+        return self._decode(token, pos, slot, slice(start, start + length), self._decode_bias(pattern, length))
+
+    def _decode_bias(self, pattern: int, length: int) -> Tensor:
+        """Every layer's attention mask (layers, 1, h, 1, length) over the first `length` slots a step reads: 4-D
+        per layer, which takes SDPA's fused CPU kernel (3-D masks take its slow reference path)."""
+        index, mask = self._pattern_index[pattern, :length], self._pattern_mask[pattern, :length]
+        return (self._rel_bias[:, :, index] + mask)[:, None, :, None]
 
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
                 bias: Tensor) -> Tensor:
