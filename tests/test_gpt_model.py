@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer.model import GPT, GPTConfig, attention_index
+from transformer.model import GPT, GPTConfig, attention_index, position_index, windowed_attention, window_rows_index
 
 
-def tiny(window: int = 0, grid=(4, 5), classes: int = 3, K: int = 11, dtype=torch.float64, seed: int = 0) -> GPT:
-    """A tiny model with large random weights (incl. the position bias) so attention patterns matter."""
+def tiny(window: int = 0, grid=(4, 5), classes: int = 3, K: int = 11, dtype=torch.float64, seed: int = 0,
+         pos_emb: str = "rowcol") -> GPT:
+    """A tiny model with large random weights (incl. the position bias and embeddings) so positions matter."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(K, classes, grid, n_layer=2, n_head=2, n_embd=16, window_size=window)).to(dtype)
+    model = GPT(GPTConfig(K, classes, grid, n_layer=2, n_head=2, n_embd=16, window_size=window,
+                          pos_emb=pos_emb)).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.4)
@@ -101,8 +103,9 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static):
-    model = tiny(window, grid)
+@pytest.mark.parametrize("pos_emb", ["rowcol", "none"])
+def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_emb):
+    model = tiny(window, grid, pos_emb=pos_emb)
     H, W = gen_grid
     with torch.inference_mode():
         tokens = torch.randint(11, (3, 1 + H * W))
@@ -117,16 +120,16 @@ def test_cache_memory_bounded_by_window():
 
     def cache_shapes(grid):
         model.setup_cache(2, grid)
-        return [tuple(t.shape) for c in model._caches for t in (c.k_prefix, c.v_prefix, c.k, c.v)]
+        return [tuple(c.kv.shape) for c in model._caches] + [tuple(model._pattern_index.shape)]  # + mask table
 
     assert cache_shapes((8, 8)) == cache_shapes((32, 8))  # grid height does not matter
-    assert cache_shapes((8, 8))[2] == (2, 2, 3 * 8, 8)  # R = w rows of the grid width
-    assert cache_shapes((8, 16))[2] == (2, 2, 3 * 16, 8)
+    assert cache_shapes((8, 8))[0] == (2, 2, 2, (3 + 1) * 8, 8)  # R = w rows of the grid width + a prefix per column
+    assert cache_shapes((8, 16))[0] == (2, 2, 2, (3 + 1) * 16, 8)
 
 
-def test_no_absolute_positions():
+def test_no_absolute_positions_without_pos_emb():
     """Shifting a grid down by whole rows leaves the logits of rows whose receptive field stays inside unchanged."""
-    model = tiny(window=2, grid=(4, 4))  # 2 layers x (w-1) rows above = receptive field of 2 rows up
+    model = tiny(window=2, grid=(4, 4), pos_emb="none")  # 2 layers x (w-1) rows above = receptive field of 2 rows up
     grid = torch.randint(11, (5, 6))
     shifted = torch.cat([torch.randint(11, (3, 6)), grid])
     sos = torch.tensor([model.config.sos_id])
@@ -167,3 +170,65 @@ def test_optimizer_decays_linear_weights_only():
     assert {id(p) for p in decay["params"]} == linear_weights
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("grid,w", [((5, 6), 2), ((4, 3), 3), ((6, 4), 1)])
+def test_windowed_attention_equals_dense(grid, w):
+    """The block-sparse attention gives the dense masked attention's outputs and gradients."""
+    H, W = grid
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 1 + H * W, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rel_bias = torch.randn(3, 2 * w * w + 1, dtype=torch.float64, requires_grad=True)
+    index, visible = attention_index(grid, w, torch.device("cpu"))
+    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias[:, index] + mask)
+    w_index, w_visible = window_rows_index(grid, w, torch.device("cpu"))
+    w_mask = torch.zeros(w_visible.shape, dtype=torch.float64).masked_fill(~w_visible, float("-inf"))
+    sparse = windowed_attention(q, k, v, rel_bias, w_index, w_mask, grid, w)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(dense)
+    grads = torch.autograd.grad(dense, (q, k, v, rel_bias), g)
+    for a, b in zip(torch.autograd.grad(sparse, (q, k, v, rel_bias), g), grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T", [1 + 6 * 7, 6 * 7, 20, 9])  # whole grid, training length, partial rows
+def test_block_sparse_model_equals_dense(T):
+    model = tiny(window=2, grid=(6, 7)).train()  # dropout 0: train mode is deterministic
+    tokens = torch.randint(11, (2, T))
+    sparse = model(tokens)
+    model.block_sparse = False
+    dense = model(tokens)
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-10)
+    (g_dense,) = torch.autograd.grad(dense.square().sum(), model.blocks[0].attn.rel_bias)
+    model.block_sparse = True
+    (g_sparse,) = torch.autograd.grad(model(tokens).square().sum(), model.blocks[0].attn.rel_bias)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-9, atol=1e-9)
+
+
+def test_position_index_rule():
+    idx = lambda n, t: position_index(n, t, torch.device("cpu")).tolist()  # noqa: E731
+    assert idx(4, 4) == idx(4, 9) == [0, 1, 2, 3]  # up to the training size: the identity
+    # larger: the first and last trained//2 keep their border embeddings, the middle takes the centre one
+    assert idx(9, 4) == [0, 1, 2, 2, 2, 2, 2, 2, 3]
+    assert idx(7, 5) == [0, 1, 2, 2, 2, 3, 4]
+
+
+def test_position_embeddings_matter_and_old_checkpoints_load_without():
+    model = tiny(window=2, grid=(4, 4))
+    grid = torch.randint(11, (5, 6))
+    sos = torch.tensor([model.config.sos_id])
+    with torch.no_grad():  # with positions, the same rows placed lower give other logits
+        a = model(torch.cat([sos, grid.flatten()])[None], (5, 6))[0, 1:].view(5, 6, -1)
+        b = model(torch.cat([sos, torch.randint(11, (3, 6)).flatten(), grid.flatten()])[None], (8, 6))[0, 1:]
+    assert not torch.allclose(a[2:], b.view(8, 6, -1)[5:])
+    old = tiny(window=2, grid=(4, 4), pos_emb="none")
+    cfg = {k: v for k, v in vars(old.config).items() if k != "pos_emb"}  # a config saved before the field
+    loaded = GPT(GPTConfig(**cfg)).double()
+    assert loaded.config.pos_emb == "rowcol"
+    loaded.load_state_dict(old.state_dict())  # strict
+    assert loaded.config.pos_emb == "none" and loaded.row_emb is None
+    tokens = torch.randint(11, (2, 17))
+    torch.testing.assert_close(loaded(tokens), old(tokens), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pos_emb"):
+        GPTConfig(8, 0, (4, 4), 1, 1, 8, window_size=0, pos_emb="sincos")

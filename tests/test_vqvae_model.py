@@ -6,7 +6,7 @@ import torch
 
 from core.errors import UserError
 from vqvae.config import VQConfig
-from vqvae.model import AttnBlock, VQModel
+from vqvae.model import AttnBlock, Upsample, VQModel
 
 
 CONFIGS = {
@@ -74,3 +74,16 @@ def test_autoencoder_warmup_bypasses_quantizer():
 def test_bad_image_size():
     with pytest.raises(UserError, match="divisible"):
         make_cfg(image_size=30, ch_mult=(1, 2, 2))
+
+
+def test_upsample_equals_nearest_then_conv():
+    """The folded sub-pixel Upsample computes taming's interpolate + 3x3 conv, values and gradients."""
+    torch.manual_seed(0)
+    up = Upsample(5).double()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = up(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (x, *up.parameters()), g), torch.autograd.grad(ref, (x, *up.parameters()), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

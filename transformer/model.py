@@ -1,10 +1,12 @@
-"""GPT over VQGAN code grids: 2-D windowed causal attention with a learned relative-position bias,
-and a key/value cache whose memory and per-token cost are bounded by the window.
+"""GPT over VQGAN code grids: 2-D windowed causal attention with a learned relative-position bias, learned
+row/column position embeddings, and a key/value cache whose memory and per-token cost are bounded by the window.
 
 Sequence = [prefix] + the H*W codes in raster order. Codes keep their ids 0..K-1, SOS = K (also the
 "null class" for classifier-free guidance), class c = K+1+c; the head predicts only the K codes.
-There is no absolute position embedding: keys and values do not depend on where a token sits, so a
-window model can generate grids larger than its training grid.
+Positions: the relative bias tells a token where its keys are; pos_emb="rowcol" adds a learned embedding of
+the code's row and column (where in the image it is: borders, centre), as the official model's absolute
+embedding does. A window model generating a grid larger than its training grid maps rows/columns with the
+official sliding-window rule (see position_index), so it still generates any grid size.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+POS_EMB = ("none", "rowcol")
 
 
 @dataclass
@@ -27,6 +31,9 @@ class GPTConfig:
     n_embd: int
     window_size: int  # 0 = full causal attention
     dropout: float = 0.0
+    # "rowcol": learned row + column embeddings of each code; "none": relative bias only. Checkpoints saved
+    # before this field existed have no position tables and load as "none" (see GPT._load_without_positions).
+    pos_emb: str = "rowcol"
 
     def __post_init__(self) -> None:
         self.grid_shape = tuple(int(s) for s in self.grid_shape)  # checkpoints round-trip it as a list
@@ -36,6 +43,8 @@ class GPTConfig:
             raise ValueError("codebook_size must be >= 1, num_classes and window_size >= 0")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_emb not in POS_EMB:
+            raise ValueError(f"pos_emb must be one of {POS_EMB}, got {self.pos_emb!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -85,34 +94,77 @@ def attention_index(grid_shape: tuple[int, int], w: int, device: torch.device) -
     return index, visible
 
 
+def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bias columns (W, w*W) and visibility (H, W, w*W) for `windowed_attention`: query (i, j) against key
+    (r, c) of the w grid rows i-w+1..i (r = 0 is the oldest row). Rows above the grid are invisible."""
+    H, W = grid_shape
+    j = torch.arange(W, device=device)[:, None]
+    r = torch.arange(w, device=device).repeat_interleave(W)[None]
+    c = torch.arange(W, device=device).repeat(w)[None]
+    index, visible = relative_index(torch.full_like(j, w - 1), j, r, c, w)
+    inside = r >= w - 1 - torch.arange(H, device=device)[:, None]  # (H, w*W): key row i-(w-1)+r >= 0
+    return index, visible[None] & inside[:, None]
+
+
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, index: Tensor, mask: Tensor,
+                       grid_shape: tuple[int, int], w: int, dropout_p: float = 0.0) -> Tensor:
+    """Block-sparse equivalent of the dense masked attention of a window model, (B, h, 1 + H*W, hd) each.
+
+    Every grid row's W queries attend to the prefix and the w*W codes of the w rows ending at their own (with
+    index (W, w*W) and additive mask (H, W, w*W) from window_rows_index) instead of all 1 + H*W keys: the
+    work falls by about H/w. The prefix query sees only itself, so its output is its own value.
+    """
+    B, h, _, hd = q.shape
+    H, W = grid_shape
+    rows = lambda t: t[:, :, 1:].view(B, h, H, W, hd)  # noqa: E731
+    # the w rows ending at each row, as (B, h, H, w*W, hd): pad w-1 empty rows on top, slide a w-row frame
+    gather = lambda t: F.pad(rows(t), (0, 0, 0, 0, w - 1, 0)).unfold(2, w, 1).permute(0, 1, 2, 5, 3, 4)  # noqa: E731
+    keys, values = gather(k).reshape(B, h, H, w * W, hd), gather(v).reshape(B, h, H, w * W, hd)
+    qr = rows(q) * (1.0 / math.sqrt(hd))
+    prefix_score = qr @ k[:, :, None, :1].mT + rel_bias[:, -1, None, None, None].to(q.dtype)  # (B, h, H, W, 1)
+    code_score = qr @ keys.mT + (rel_bias[:, index].to(q.dtype)[:, None] + mask)  # (B, h, H, W, w*W)
+    att = torch.cat([prefix_score, code_score], -1).softmax(-1)
+    att = F.dropout(att, dropout_p) if dropout_p else att
+    y = att[..., :1] @ v[:, :, None, :1] + att[..., 1:] @ values  # (B, h, H, W, hd)
+    return torch.cat([v[:, :, :1], y.view(B, h, H * W, hd)], 2)
+
+
+def position_index(n: int, trained: int, device: torch.device) -> Tensor:
+    """Embedding row of each of n grid rows (or columns) for a model trained on `trained` of them.
+
+    Up to the trained size: the identity. Beyond (window models on larger grids): the official high-resolution
+    sampler's rule, the position inside a trained-size frame slid to centre on the row and clamped to the
+    grid: the first and last trained//2 rows keep their border embeddings (top/bottom edge statistics), the
+    rows between take the centre row's. Unlike interpolation it uses only embeddings seen in training.
+    """
+    i = torch.arange(n, device=device)
+    return i - (i - trained // 2).clamp(max=n - trained).clamp(min=0)
+
+
 def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class KVCache:
-    """One layer's keys/values: the prefix (B, h, 1, hd) and a ring of the last R code rows (B, h, R*Wg, hd).
+    """One layer's keys and values, kv (B, 2, h, S, hd): a ring of the last R code rows plus prefix copies.
 
-    Grid row i lives in ring row i % R; GPT.setup_cache orders the R x Wg slots so that what one decode
-    step may see is a single contiguous range of them (a view: decoding copies nothing).
+    Grid row i lives in ring row i % R; GPT.setup_cache orders the slots (and puts copies of the prefix among
+    them) so that what one decode step may see, prefix included, is a single contiguous range: a view, read by
+    one attention call, with nothing copied.
     """
 
     def __init__(self, batch: int, n_head: int, head_dim: int, slots: int, slot_of_code: Tensor,
-                 dtype: torch.dtype) -> None:
-        self.slot_of_code = slot_of_code  # (H*W,) ring slot each raster position writes
-        device = slot_of_code.device
-        self.k_prefix = torch.zeros(batch, n_head, 1, head_dim, device=device, dtype=dtype)
-        self.v_prefix = torch.zeros_like(self.k_prefix)
-        self.k = torch.zeros(batch, n_head, slots, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+                 prefix_slots: Tensor, dtype: torch.dtype) -> None:
+        self.slot_of_code, self.prefix_slots = slot_of_code, prefix_slots  # (H*W,), (P,)
+        self.code_slots = slots - prefix_slots.numel()
+        self.kv = torch.zeros(batch, 2, n_head, slots, head_dim, device=slot_of_code.device, dtype=dtype)
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Store a prefill's keys/values (B, h, T, hd): the prefix, then the codes still inside the ring."""
-        self.k_prefix.copy_(k[:, :, :1])
-        self.v_prefix.copy_(v[:, :, :1])
-        first = max(0, k.shape[2] - 1 - self.k.shape[2])  # older codes are out of every later window
+        self.kv[:, :, :, self.prefix_slots] = torch.stack((k[:, :, 0], v[:, :, 0]), 1)[:, :, :, None]
+        first = max(0, k.shape[2] - 1 - self.code_slots)  # older codes are out of every later window
         slot = self.slot_of_code[first:k.shape[2] - 1]  # consecutive codes land in distinct slots
-        self.k.index_copy_(2, slot, k[:, :, 1 + first:])
-        self.v.index_copy_(2, slot, v[:, :, 1 + first:])
+        self.kv[:, :, :, slot] = torch.stack((k[:, :, 1 + first:], v[:, :, 1 + first:]), 1)
 
 
 class Attention(nn.Module):
@@ -123,36 +175,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
-        w = config.window
+        self.window = config.window
         # per-head bias: columns di*2w + dj + w for code keys, last column for the prefix key
-        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * w * w + 1))
+        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1))
 
-    def forward(self, x: Tensor, index: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, index: Tensor, mask: Tensor, grid: tuple[int, int] | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """Dense masked attention with (T, T) index/mask; or, with `grid` (a window model, x covering the whole
+        grid), windowed_attention with window_rows_index's index/mask."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             cache.fill(k, v)
-        bias = self.rel_bias[:, index].to(q.dtype) + mask  # the gather keeps the table differentiable
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if grid is not None:
+            y = windowed_attention(q, k, v, self.rel_bias, index, mask, grid, self.window, p)
+        else:
+            bias = self.rel_bias[:, index].to(q.dtype) + mask  # the gather keeps the table differentiable
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p)  # 4-D: the fused CPU kernel
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-    def decode(self, x: Tensor, cache: KVCache, slot: int | Tensor, window: slice | Tensor, index: Tensor,
-               mask: Tensor) -> Tensor:
-        """One token (B, C): write its K/V into ring slot `slot`, attend to the prefix + the ring's `window` slots.
-
-        Eager decoding passes an int and a slice (a view, no copy); the compiled decoder passes index tensors
-        (a gather of fixed size, so shapes never change).
-        """
-        B = x.shape[0]
-        q, k, v = self.qkv(x).view(B, 3, self.n_head, self.head_dim).unbind(1)
-        cache.k[:, :, slot] = k
-        cache.v[:, :, slot] = v
-        keys, values = cache.k[:, :, window], cache.v[:, :, window]
-        q = q.unsqueeze(2) * (1.0 / math.sqrt(self.head_dim))
-        att = torch.cat([q @ cache.k_prefix.mT, q @ keys.mT], dim=-1) + (self.rel_bias[:, index] + mask)[:, None]
-        att = att.softmax(dim=-1)
-        y = att[..., :1] @ cache.v_prefix + att[..., 1:] @ values  # (B, h, 1, hd)
-        return self.proj(y.view(B, -1))
 
 
 class Block(nn.Module):
@@ -166,12 +207,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
 
-    def forward(self, x: Tensor, index: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), index, mask, cache)
-        return x + self.mlp(self.ln2(x))
-
-    def decode(self, x: Tensor, cache: KVCache, *args) -> Tensor:
-        x = x + self.attn.decode(self.ln1(x), cache, *args)
+    def forward(self, x: Tensor, *attn_args) -> Tensor:
+        x = x + self.attn(self.ln1(x), *attn_args)
         return x + self.mlp(self.ln2(x))
 
 
@@ -180,6 +217,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        H, W = config.grid_shape
+        rowcol = config.pos_emb == "rowcol"
+        self.row_emb = nn.Embedding(H, config.n_embd) if rowcol else None
+        self.col_emb = nn.Embedding(W, config.n_embd) if rowcol else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -188,6 +229,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._register_load_state_dict_pre_hook(self._load_without_positions)
+        self.block_sparse = True  # window models: windowed_attention in forward (False: the dense reference)
         self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._caches: list[KVCache] | None = None
         self._cache_key: tuple | None = None
@@ -200,6 +243,13 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def _load_without_positions(self, state_dict: dict, prefix: str, *args) -> None:
+        """A checkpoint from before position embeddings (GPTConfig rebuilt from its dict defaults to "rowcol") has
+        no position tables: drop ours and run as pos_emb="none", the model it was trained as."""
+        if self.row_emb is not None and not {prefix + "row_emb.weight", prefix + "col_emb.weight"} & state_dict.keys():
+            self.row_emb = self.col_emb = None
+            self.config.pos_emb = "none"
+
     def check_grid(self, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
         """The grid to use (default: the training grid); full attention only knows its training grid."""
         grid = tuple(grid_shape) if grid_shape is not None else self.config.grid_shape
@@ -210,26 +260,47 @@ class GPT(nn.Module):
                              f"got {grid}; train with window_size > 0 to generate other grid sizes")
         return grid
 
-    def _attention_index(self, grid: tuple[int, int], device: torch.device,
-                         dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Bias columns and additive mask of the whole sequence, built once per (grid, device, dtype)."""
-        key = (grid, device, dtype)
+    def positions(self, grid: tuple[int, int]) -> Tensor | None:
+        """Position embedding (H*W, C) of every code of `grid` in raster order (None for pos_emb="none")."""
+        if self.row_emb is None:
+            return None
+        (H, W), (Ht, Wt), dev = grid, self.config.grid_shape, self.row_emb.weight.device
+        rows, cols = self.row_emb(position_index(H, Ht, dev)), self.col_emb(position_index(W, Wt, dev))
+        return (rows[:, None] + cols[None]).view(H * W, -1)
+
+    def _attention_index(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype,
+                         windowed: bool) -> tuple[Tensor, Tensor]:
+        """Bias columns and additive mask for dense attention over the whole sequence, or for windowed_attention;
+        built once per (grid, device, dtype)."""
+        key = (grid, device, dtype, windowed)
         if key not in self._index_cache:
-            index, visible = attention_index(grid, self.config.window, device)
+            build = window_rows_index if windowed else attention_index
+            index, visible = build(grid, self.config.window, device)
             self._index_cache[key] = index, _additive(visible, dtype)
         return self._index_cache[key]
 
     def _run(self, tokens: Tensor, grid: tuple[int, int], caches: list[KVCache] | None = None) -> Tensor:
-        T = tokens.shape[1]
+        B, T = tokens.shape
         if not 1 <= T <= 1 + grid[0] * grid[1]:
             raise ValueError(f"sequence length {T} does not fit grid {grid} (1 <= T <= 1 + H*W)")
-        x = self.drop(self.tok_emb(tokens))
+        x = self.tok_emb(tokens)
+        pos = self.positions(grid)
+        if pos is not None:  # the prefix is not a code: no position
+            x = torch.cat([x[:, :1], x[:, 1:] + pos[:T - 1]], 1)
+        x = self.drop(x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        index, mask = self._attention_index(grid, tokens.device, dtype)
-        index, mask = index[:T, :T], mask[:T, :T]
+        rows = -(-(T - 1) // grid[1])  # grid rows the codes reach
+        if caches is None and self.block_sparse and self.config.window_size and self.config.window < rows:
+            # block-sparse: pad to whole rows (the padding is in every real query's future, so invisible)
+            sub = (rows, grid[1])
+            x = F.pad(x, (0, 0, 0, 1 + rows * grid[1] - T))
+            args = (*self._attention_index(sub, tokens.device, dtype, True), sub)
+        else:
+            index, mask = self._attention_index(grid, tokens.device, dtype, False)
+            args = (index[:T, :T], mask[:T, :T], None)
         for i, block in enumerate(self.blocks):
-            x = block(x, index, mask, caches[i] if caches else None)
-        return self.ln_f(x)
+            x = block(x, *args, caches[i] if caches else None)
+        return self.ln_f(x[:, :T])
 
     def forward(self, tokens: Tensor, grid_shape: tuple[int, int] | None = None) -> Tensor:
         """Logits (B, T, K) over the codes for tokens (B, T) = [prefix, codes...] with T <= 1 + H*W."""
@@ -237,49 +308,69 @@ class GPT(nn.Module):
 
     # ---- key/value cache: setup_cache, then prefill, then decode_step per token ----
 
+    @torch.no_grad()
     def setup_cache(self, batch_size: int, grid_shape: tuple[int, int] | None = None, compile: bool = False) -> None:
         """Allocate the caches for generating `grid_shape` and precompute, for every position, the ring slot it
-        writes, the slots it reads and their bias columns. compile (CUDA only): torch.compile the decode step."""
+        writes, the slots it reads and their bias + mask, and the decode weights. Call it again after the weights
+        change. compile (CUDA only): torch.compile the decode step into CUDA graphs (fixed shapes)."""
         grid = self.check_grid(grid_shape)
         H, W = grid
         w = self.config.window
         rows, cols = min(w, H), min(2 * w, W)  # ring rows; columns a decode step can see
         p = next(self.parameters())
-        dev, hd = p.device, self.config.n_embd // self.config.n_head
+        dev, dtype, hd = p.device, p.dtype, self.config.n_embd // self.config.n_head
         self._cache_grid = grid
-        # Slot order: if the window is narrower than the grid, column-major, so the window's columns are one
-        # run of slots; otherwise row-major, where the slots written so far are a run too (full attention
-        # reads only those).
         n = torch.arange(H * W, device=dev)
         i, j = n // W, n % W
+        # Slot order: if the window is narrower than the grid, column-major with a copy of the prefix heading each
+        # column, so the window's columns (and a prefix) are one run of slots; otherwise the prefix, then the ring
+        # row-major, where the slots written so far are a run too (full attention reads only those).
         if cols < W:
-            write = j * rows + i % rows
-            start = (j - w).clamp(0, W - cols) * rows
-            length = torch.full_like(n, cols * rows)
+            per = rows + 1
+            write, start = j * per + 1 + i % rows, (j - w).clamp(0, W - cols) * per
+            length = torch.full_like(n, cols * per)
+            n_slots, prefix_slots = W * per, torch.arange(W, device=dev) * per
         else:
-            write, start, length = (i % rows) * W + j, torch.zeros_like(n), (n + 1).clamp(max=rows * W)
-        slots = start[:, None] + torch.arange(cols * rows, device=dev)  # (HW, L): read window, fixed size L
-        slot_row, slot_col = (slots % rows, slots // rows) if cols < W else (slots // W, slots % W)
-        # each slot holds the latest grid row <= i with its residue mod R; stale slots (rows < 0, the current
-        # row's future columns, or beyond `length`) are invisible
+            write, start = 1 + (i % rows) * W + j, torch.zeros_like(n)
+            length = 2 + n.clamp(max=rows * W - 1)  # the prefix and codes 0..n, at most the ring
+            n_slots, prefix_slots = 1 + rows * W, torch.zeros(1, dtype=torch.long, device=dev)
+        L = int(length.max())
+        slots = start[:, None] + torch.arange(L, device=dev)  # (HW, L): read window, fixed size L
+        # ring row (-1: a prefix copy) and grid column of each slot
+        slot_row, slot_col = (slots % per - 1, slots // per) if cols < W else ((slots - 1).div(W, rounding_mode="floor"),
+                                                                             (slots - 1) % W)
+        # each code slot holds the latest grid row <= i with its residue mod R; stale slots (rows < 0, the current
+        # row's future columns, or beyond `length`) are invisible; of the prefix copies only the first is visible
         i, j = i[:, None], j[:, None]
         held = i - (i - slot_row) % rows
         index, visible = relative_index(i, j, held, slot_col, w)
-        visible &= (held >= 0) & (torch.arange(cols * rows, device=dev) < length[:, None])
-        if self._cache_key != (batch_size, grid, p.dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
-            self._cache_key = (batch_size, grid, p.dtype, dev)
-            self._caches = [KVCache(batch_size, self.config.n_head, hd, rows * W, write, p.dtype) for _ in self.blocks]
+        visible &= (held >= 0) & (torch.arange(L, device=dev) < length[:, None])
+        is_prefix = slot_row < 0
+        index = torch.where(is_prefix, 2 * w * w, index)
+        visible = torch.where(is_prefix, slots == start[:, None], visible)
+        # positions sharing a bias pattern share a table row: the tables stay small on large grids
+        patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
+        self._pattern_index, self._pattern_mask = patterns.clamp(min=0), _additive(patterns >= 0, dtype)
+        self._rel_bias = torch.stack([blk.attn.rel_bias for blk in self.blocks]).to(dtype)  # every layer's, one gather
+        if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
+            self._cache_key = (batch_size, grid, dtype, dev)
+            self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
+                            for _ in self.blocks]
         self._slot_of_code, self._read_slots = write, slots
-        self._decode_index = torch.cat([torch.full((H * W, 1), 2 * w * w, device=dev), index], 1)  # prefix first
-        self._decode_mask = _additive(torch.cat([torch.ones_like(visible[:, :1]), visible], 1), p.dtype)
-        self._eager_steps = list(zip(write.tolist(), start.tolist(), length.tolist()))
+        self._steps = list(zip(write.tolist(), start.tolist(), length.tolist(), pattern_of.tolist()))
+        self._positions = self.positions(grid)
+        # transposed copies of the weights: (B, C) @ (C, out) is faster than F.linear's (B, C) @ (out, C).T on CPU
+        t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
+        self._weights = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]), *t(blk.mlp[2]))
+                         for blk in self.blocks]
+        self._head_t = self.head.weight.t().contiguous()
+        # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
         if self._use_compiled:
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
-                for t in (cache.k, cache.v, cache.k_prefix, cache.v_prefix):
-                    torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(cache.kv)
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """Run [prefix, context codes...] (B, T), filling the cache; logits (B, K) of the last token."""
@@ -289,19 +380,39 @@ class GPT(nn.Module):
 
     def decode_step(self, token: Tensor, position: int) -> Tensor:
         """Feed the code `token` (B,) at raster position `position` of the grid; logits (B, K) for the next code."""
-        if self._use_compiled:  # static shapes: the whole fixed-size window, indexed by tensors
+        slot, start, length, pattern = self._steps[position]
+        pos = None if self._positions is None else self._positions[position]
+        if self._use_compiled:  # static shapes: the whole fixed-size window, gathered by index tensors
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-            return self._compiled(token, self._slot_of_code[position], self._read_slots[position],
-                                  self._decode_index[position], self._decode_mask[position])
-        slot, start, length = self._eager_steps[position]
-        return self._decode(token, slot, slice(start, start + length), self._decode_index[position, :1 + length],
-                            self._decode_mask[position, :1 + length])
+            return self._compiled(token, pos, self._slot_of_code[position], self._read_slots[position],
+                                  self._decode_bias(pattern, self._pattern_index.shape[1]))
+        return self._decode(token, pos, slot, slice(start, start + length), self._decode_bias(pattern, length))
 
-    def _decode(self, token: Tensor, slot: int | Tensor, window: slice | Tensor, index: Tensor, mask: Tensor) -> Tensor:
+    def _decode_bias(self, pattern: int, length: int) -> Tensor:
+        """Every layer's attention mask (layers, 1, h, 1, length) over the first `length` slots a step reads: 4-D
+        per layer, which takes SDPA's fused CPU kernel (3-D masks take its slow reference path)."""
+        index, mask = self._pattern_index[pattern, :length], self._pattern_mask[pattern, :length]
+        return (self._rel_bias[:, :, index] + mask)[:, None, :, None]
+
+    def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
+                bias: Tensor) -> Tensor:
+        """One token through every layer: write its keys/values into ring slot `slot`, attend to the ring's
+        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with masks bias (layers, 1, h, 1, L)."""
         x = self.tok_emb(token)
-        for block, cache in zip(self.blocks, self._caches):
-            x = block.decode(x, cache, slot, window, index, mask)
-        return self.head(self.ln_f(x))
+        if pos is not None:
+            x = x + pos
+        B, C = x.shape
+        nh = self.config.n_head
+        for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_fc, b_fc, w_out, b_out), cache, mask in zip(
+                self._weights, self._caches, bias):
+            qkv = torch.addmm(b_qkv, F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv).view(B, 3, nh, -1)
+            cache.kv[:, :, :, slot] = qkv[:, 1:]
+            kv = cache.kv[:, :, :, window]
+            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[:, 0], kv[:, 1], attn_mask=mask)
+            x = x + torch.addmm(b_proj, y.reshape(B, C), w_proj)
+            h = F.gelu(torch.addmm(b_fc, F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), w_fc))
+            x = x + torch.addmm(b_out, h, w_out)
+        return F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps) @ self._head_t
 
     def configure_optimizers(self, weight_decay: float, lr: float,
                              betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:

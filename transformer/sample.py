@@ -71,13 +71,14 @@ def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: 
         if cfg_scale is not None:
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg_scale * (cond - uncond)
-        logits = logits / temperature
+        if temperature != 1.0:  # dividing by 1 is exact: skip the op
+            logits = logits / temperature
         if top_k is not None:
             logits = top_k_filter(logits, top_k)
         if top_p is not None:
             logits = top_p_filter(logits, top_p)
         token, logp = _sample_token(logits, u[:, t - n_ctx])
-        seq[:, 1 + t] = token.repeat(seq.shape[0] // B)
+        seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
         logp_total += logp
         bar.update(B)
     return seq[:B, 1:], logp_total

@@ -56,13 +56,30 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric padding: exact halving
 
 
+# Nearest 2x upsampling then a 3x3 conv: along each axis, output phase a (even/odd) of pixel i sees input pixels
+# i-1, i (a=0) or i, i+1 (a=1) with the 3 taps folded into 2: _FOLD[a] maps the 3 taps to those 2.
+_FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
 class Upsample(nn.Module):
+    """Nearest 2x upsampling followed by a 3x3 conv (taming's), computed as one 2x2 conv with 4x the output
+    channels on the input resolution, interleaved: the same result up to float rounding, 2.25x fewer FLOPs."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, c, h, w = x.shape
+        fold = _FOLD.to(self.conv.weight)
+        # phase kernels (a, b, out, in, 2, 2), stacked as 4 x out channels
+        weight = torch.einsum("auy,bvx,oiyx->aboiuv", fold, fold, self.conv.weight).flatten(0, 2)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, self.conv.bias.repeat(4))  # (B, 4C, h+1, w+1)
+        # phase (a, b) of output pixel (i, j) is y's phase-(a, b) channels at (i + a, j + b)
+        y = y.view(b, 2, 2, c, h + 1, w + 1)
+        # (b, c, h, 2, w, 2): row 2i + a, column 2j + e
+        phases = torch.stack([torch.stack([y[:, a, e, :, a:a + h, e:e + w] for e in (0, 1)], -1) for a in (0, 1)], 3)
+        return phases.reshape(b, c, 2 * h, 2 * w)
 
 
 class Encoder(nn.Module):

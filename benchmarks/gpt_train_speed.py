@@ -1,0 +1,88 @@
+"""Training-step speed of a window GPT: block-sparse windowed attention vs the dense masked attention.
+
+    python benchmarks/gpt_train_speed.py [--quick] [--threads N] [--rounds R]
+
+A w=8 model on a 32x32 code grid (T = 1025), forward + backward + AdamW step on random codes, both paths on the
+same weights and batch, timed in alternation (fastest of R). Also checks that both give the same loss.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine  # noqa: E402
+from transformer.model import GPT, GPTConfig, windowed_attention  # noqa: E402
+
+
+def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
+    """Seconds for one layer's attention, forward + backward, on the whole grid: dense vs windowed (fastest of R)."""
+    cfg, attn = model.config, model.blocks[0].attn
+    grid, T, hd = cfg.grid_shape, 1 + cfg.grid_shape[0] * cfg.grid_shape[1], cfg.n_embd // cfg.n_head
+    q, k, v = (torch.randn(batch, cfg.n_head, T, hd, requires_grad=True) for _ in range(3))
+    index, mask = model._attention_index(grid, q.device, q.dtype, windowed=False)
+    w_index, w_mask = model._attention_index(grid, q.device, q.dtype, windowed=True)
+    run = {False: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None]),
+           True: lambda: windowed_attention(q, k, v, attn.rel_bias, w_index, w_mask, grid, cfg.window)}
+    best = {True: float("inf"), False: float("inf")}
+    for r in range(rounds + 1):
+        for sparse, fn in run.items():
+            t0 = time.perf_counter()
+            fn().sum().backward()
+            best[sparse] = min(best[sparse], time.perf_counter() - t0) if r else best[sparse]
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (on a shared machine extra threads mostly wait)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grid", type=int, default=32, help="code grid side")
+    ap.add_argument("--window", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size, w, layers, heads, width, K = (8, 2, 2, 2, 32, 64) if args.quick else (args.grid, args.window, 4, 4, 128, 1024)
+    model = GPT(GPTConfig(K, 0, (size, size), layers, heads, width, window_size=w)).train()
+    opt = model.configure_optimizers(weight_decay=0.01, lr=1e-4)
+    seq = torch.randint(K, (args.batch_size, 1 + size * size))
+    seq[:, 0] = model.config.sos_id
+
+    def step(sparse: bool) -> float:
+        model.block_sparse = sparse
+        loss = F.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    with torch.no_grad():
+        model.block_sparse = True
+        sparse_logits = model(seq[:, :-1])
+        model.block_sparse = False
+        diff = (sparse_logits - model(seq[:, :-1])).abs().max().item()
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(args.rounds + 1):  # the first round warms up
+        for sparse in (True, False):
+            t0 = time.perf_counter()
+            step(sparse)
+            best[sparse] = min(best[sparse], time.perf_counter() - t0) if _ else best[sparse]
+    print(f"GPT training step — {machine()}, fp32, {time.strftime('%Y-%m-%d')}")
+    print(f"model {layers}L {heads}H {width}d K={K}, window w={w}, grid {size}x{size} (T={1 + size * size}), "
+          f"batch {args.batch_size}, fastest of {args.rounds}; max |logit sparse - dense| = {diff:.1e}")
+    att = attention_only(model, args.batch_size, args.rounds)
+    print(f"  {'attention':<28}{'s/step':>9}{'seq/s':>9}{'speed-up':>10}{'attention only, s':>19}{'speed-up':>10}")
+    for sparse, name in ((False, "dense masked (SDPA)"), (True, "block-sparse windowed")):
+        print(f"  {name:<28}{best[sparse]:>9.3f}{args.batch_size / best[sparse]:>9.2f}"
+              f"{best[False] / best[sparse]:>9.2f}x{att[sparse]:>19.3f}{att[False] / att[sparse]:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
