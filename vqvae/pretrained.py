@@ -16,8 +16,9 @@ from core.runtime import Runtime, broadcast_from_main
 from core.tracking import connect, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig, VQModelConfig
-from vqvae.convert import (FORMATS, check_same, default_image_size, fresh_statistics, infer_architecture,
-                           llamagen_args, read_official, read_taming_yaml, taming_yaml, to_official, to_ours)
+from vqvae.convert import (FORMATS, OfficialWeights, check_same, default_image_size, fresh_statistics,
+                           infer_architecture, llamagen_args, read_official, read_taming_yaml, taming_yaml,
+                           to_official, to_ours)
 from vqvae.model import VQModel
 from vqvae.tokenizer import KIND, load_vq_model
 
@@ -27,7 +28,8 @@ ARCHITECTURE = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channe
                 "codebook_size", "code_dim", "l2_norm", "fsq_levels")
 
 
-def import_config(path: Path, fmt: str, config: str | None, image_size: int | None) -> tuple[Any, VQModelConfig]:
+def import_config(path: Path, fmt: str, config: str | None, image_size: int | None
+                  ) -> tuple[OfficialWeights, VQModelConfig]:
     """(official weights, our architecture) of an official file; a --config that contradicts it is an error."""
     weights = read_official(path, fmt)
     arch = infer_architecture(weights)
