@@ -324,7 +324,7 @@ def test_every_stage_works_on_an_imported_tokenizer(imports, dataset, monkeypatc
     assert "eval/psnr" in mlflow.MlflowClient().get_run(vq).data.metrics
 
 
-def test_trained_runs_log_weights_only_models(vqvae_run, monkeypatch):
+def test_trained_runs_log_weights_only_models(vqvae_run, monkeypatch, tmp_path):
     """A trained tokenizer's weights-only model equals its last checkpoint's weights and is what inference loads."""
     import vqvae.tokenizer as tokenizer
     from core.checkpoint import load_checkpoint
@@ -334,9 +334,20 @@ def test_trained_runs_log_weights_only_models(vqvae_run, monkeypatch):
     ckpt, _ = load_checkpoint(vqvae_run)
     assert step == ckpt["step"] and config["codebook_size"] == 32 and "manifest" not in config
     assert state.keys() == ckpt["model"].keys() and all(torch.equal(state[k], ckpt["model"][k]) for k in state)
-    monkeypatch.setattr(tokenizer, "load_checkpoint", lambda run_id: pytest.fail("checkpoint loaded"))
-    tok = tokenizer.load_tokenizer(vqvae_run)
+    with monkeypatch.context() as m:
+        m.setattr(tokenizer, "load_checkpoint", lambda run_id: pytest.fail("checkpoint loaded"))
+        tok = tokenizer.load_tokenizer(vqvae_run)
     assert tok.step == step and tok.manifest == mlflow.MlflowClient().get_run(vqvae_run).data.params["manifest"]
+
+    # a run made before weights-only models (checkpoints only) still loads, through its checkpoint
+    client = mlflow.MlflowClient()
+    old = client.create_run(client.get_run(vqvae_run).info.experiment_id, tags={"stage": "vqvae"}).info.run_id
+    client.log_artifacts(old, str(mlflow.artifacts.download_artifacts(run_id=vqvae_run, artifact_path="checkpoints",
+                                                                      dst_path=str(tmp_path))), "checkpoints")
+    client.set_terminated(old)
+    assert load_model_weights(old, "vqvae") is None
+    legacy = tokenizer.load_tokenizer(old)
+    assert legacy.step == step and all(torch.equal(v, state[k]) for k, v in legacy.model.state_dict().items())
 
 
 def test_codebook_init_without_warmup_needs_init_from(dataset):
