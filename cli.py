@@ -8,6 +8,7 @@ from transformer.generate import generate_command
 from transformer.train import train_command
 from vqvae.decode import decode_command
 from vqvae.evaluate import evaluate_command
+from vqvae.pretrained import export_vqvae_command, import_vqvae_command
 from vqvae.quantize import quantize_command
 from vqvae.train import train_vqvae_command
 from workflows.demo import demo_command
@@ -24,7 +25,8 @@ def cli() -> None:
 
 
 for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command,
-                make_manifest_command, evaluate_command, pipeline_command, demo_command):
+                make_manifest_command, evaluate_command, pipeline_command, demo_command, import_vqvae_command,
+                export_vqvae_command):
     cli.add_command(command)
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -81,9 +82,13 @@ def safe_load(path: str | Path, what: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        named = re.search(r"GLOBAL ([\w.]+)", text)  # what the file would have called
+        other = re.search(r"unrecognized function \S+|refusing to [^\n.]+", text)
+        detail = f"it names {named.group(1)}" if named else other.group(0) if other else text.splitlines()[0][:200]
         raise UnsafeCheckpointError(
             f"refusing to load {what}: it contains pickled objects other than tensors and plain data, "
-            f"which could run code ({str(exc).splitlines()[0][:200]})") from None
+            f"which could run code ({detail}); nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"cannot read {what}: {str(exc).splitlines()[0][:200]}") from None
 

@@ -21,6 +21,7 @@ from core.images import grid_image, load_rgb
 from core.options import Config, build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from core.weights import load_model_weights
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
 from transformer.vocab import Vocab
@@ -66,11 +67,17 @@ def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, 
 def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
     """Rebuild a trained GPT from its run and the vocabulary of the quantize run it was trained on."""
     get_run(run_id, "transformer")
-    state, _ = load_checkpoint(run_id)
-    mcfg = dict(state["model_config"])
+    weights = load_model_weights(run_id, "transformer")  # None for older runs: then their checkpoint
+    if weights is not None:
+        weights_state, mcfg, _ = weights
+        what = f"transformer model of run {run_id}"
+    else:
+        state, _ = load_checkpoint(run_id)
+        weights_state, mcfg = state["model"], dict(state["model_config"])
+        what = f"transformer checkpoint of run {run_id}"
     mcfg["grid_shape"] = tuple(mcfg["grid_shape"])
     model = GPT(GPTConfig(**mcfg))
-    load_weights(model, state["model"], f"transformer checkpoint of run {run_id}")
+    load_weights(model, weights_state, what)
     vocab = Vocab.load(download(find_upstream(run_id, "quantize").info.run_id, "vocab.json"))
     return model.to(device).eval(), vocab
 

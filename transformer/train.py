@@ -21,6 +21,7 @@ from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, config_params, explicit_options
 from core.runtime import Runtime, broadcast_from_main, rng_state, set_rng_state
 from core.tracking import download, get_run, stage_run, with_tracking_options
+from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
@@ -187,6 +188,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 if rt.is_main and loop.due(cfg.sample_every):
                     log_samples(model, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()
+        if rt.is_main:
+            log_model_weights(model.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step)
         return run.info.run_id if run else ""
 
 

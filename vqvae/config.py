@@ -67,8 +67,11 @@ class VQConfig(LoopOptions, VQModelConfig):
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images (with a count) instead of failing.")
     num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
     flip: bool = opt(True, "Random horizontal flips for training images.")
+    init_from: str = opt(None, "Start from the weights of this vqvae run (trained or imported): its architecture, "
+                               "fresh optimizers, step 0.")
     # codebook initialisation
-    codebook_init: str = opt("none", "Initialise codes from encoder outputs after the AE warm-up.",
+    codebook_init: str = opt("none", "Initialise codes from encoder outputs after the AE warm-up (or at step 0 "
+                                     "with --init-from).",
                              choices=["none", "kmeans", "random"], applies=_vq)
     warmup_steps: int = opt(0, "Autoencoder warm-up steps without quantization.", ge=0)
     # losses
@@ -98,9 +101,10 @@ class VQConfig(LoopOptions, VQModelConfig):
         if self.quantizer == "fsq" and self.codebook_init != "none":
             raise UserError("--codebook-init applies to --quantizer vq only (FSQ has no codebook to initialise); "
                             "drop --codebook-init or use --quantizer vq")
-        if self.codebook_init != "none" and self.warmup_steps == 0:
+        if self.codebook_init != "none" and self.warmup_steps == 0 and not self.init_from:
             raise UserError(f"--codebook-init {self.codebook_init} initialises the codebook from encoder outputs "
-                            "after the autoencoder warm-up; pass --warmup-steps N (N > 0)")
+                            "after the autoencoder warm-up; pass --warmup-steps N (N > 0), or --init-from RUN_ID "
+                            "(a trained encoder)")
         if self.gan_used and self.image_size < 2 ** (self.disc_layers + 2):
             raise UserError(f"--image-size {self.image_size} is too small for a {self.disc_layers}-layer PatchGAN "
                             f"(needs at least {2 ** (self.disc_layers + 2)}); lower --disc-layers")

@@ -10,7 +10,6 @@ computed offline is skipped with a note in tag ``eval/<metric>_note`` and on std
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from core.errors import UserError
 from core.images import grid_image
 from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import artifact_folder, connect, download, with_tracking_options
+from core.tracking import artifact_folder, connect, with_tracking_options
 from vqvae.quantize import usage_stats
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -108,20 +107,17 @@ def keep_worst(worst: tuple[torch.Tensor, ...] | None, batch: tuple[torch.Tensor
     return tuple(t[keep] for t in merged)
 
 
-def trained_step(run_id: str) -> int:
-    """Training step of the run's latest checkpoint: eval metrics are logged at it, so re-evaluations line up."""
-    return int(json.loads(download(run_id, "checkpoints/latest.json").read_text()).get("step", 0))
-
-
 def val_paths(tok: Tokenizer, cfg: EvalConfig) -> list[str]:
-    manifest = cfg.manifest or tok.cfg.manifest
+    manifest = cfg.manifest or tok.manifest
+    if manifest is None:
+        raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); pass --manifest")
     if not Path(manifest).is_file():
         raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest"
                         if not cfg.manifest else f"manifest not found: {manifest}")
-    df, _ = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
+    df, _ = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
     paths = df.loc[df["split"] == "val", "image_path"].tolist()[: cfg.max_images]
     if not paths:
-        raise UserError(f"manifest {manifest} has no val images to evaluate (val fraction {tok.cfg.val_fraction}); "
+        raise UserError(f"manifest {manifest} has no val images to evaluate (val fraction {tok.val_fraction}); "
                         "pass --manifest with a split column that marks some rows 'val'")
     return paths
 
@@ -183,11 +179,11 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
             click.echo(f"note: {note}", err=True)
         elif key in old_tags:
             client.delete_tag(run_id, key)  # a note from an earlier evaluation no longer applies
-    step, now = trained_step(run_id), int(time.time() * 1000)
+    step, now = tok.step, int(time.time() * 1000)  # the weights' training step: re-evaluations line up
     # Log through the client by run ID: re-opening the run with start_run would change its FINISHED status.
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
                      tags=[RunTag(k, v) for k, v in notes.items() if v]
-                     + [RunTag("eval/manifest", str(cfg.manifest or tok.cfg.manifest))])
+                     + [RunTag("eval/manifest", str(cfg.manifest or tok.manifest))])
     with artifact_folder(run_id, "eval") as out:
         pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
         grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0])).save(out / "worst.png")

@@ -90,10 +90,13 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
     connect(tracking_uri, experiment)
     with stage_run("quantize", config_params(cfg), upstream_run_id=cfg.vqvae_run_id) as run:
         tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
-        manifest = cfg.manifest or tok.cfg.manifest
+        manifest = cfg.manifest or tok.manifest
+        if manifest is None:
+            raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); "
+                            "pass --manifest")
         if not cfg.manifest and not Path(manifest).is_file():
             raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
-        df, skipped = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
+        df, skipped = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
         log_manifest(df, str(manifest), "quantize")
         classes = sorted_classes(df["label"])
         vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)

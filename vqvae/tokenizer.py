@@ -7,17 +7,28 @@ from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.options import config_from_dict
 from core.tracking import get_run
-from vqvae.config import VQConfig
+from core.weights import load_model_weights
+from vqvae.config import VQConfig, VQModelConfig
 from vqvae.model import VQModel
+
+KIND = "vqvae"  # the weights-only model kind of tokenizer runs
 
 
 class Tokenizer:
-    """Wraps a VQModel in eval mode; images are (B,3,H,W) floats in [-1, 1], indices (B,h,w) int64."""
+    """Wraps a VQModel in eval mode; images are (B,3,H,W) floats in [-1, 1], indices (B,h,w) int64.
 
-    def __init__(self, model: VQModel, cfg: VQConfig, run_id: str | None = None) -> None:
+    ``manifest`` and ``val_fraction`` are the data the tokenizer was trained on (None for imported tokenizers),
+    the defaults of the stages that encode a data set; ``step`` is the training step of the weights.
+    """
+
+    def __init__(self, model: VQModel, cfg: VQModelConfig, run_id: str | None = None, manifest: str | None = None,
+                 val_fraction: float = 0.1, step: int = 0) -> None:
         self.model = model.eval()
         self.cfg = cfg
         self.run_id = run_id
+        self.manifest = manifest
+        self.val_fraction = val_fraction
+        self.step = step
 
     @property
     def device(self) -> torch.device:
@@ -56,11 +67,26 @@ class Tokenizer:
             raise UserError(f"code grids hold ids {lo}..{hi}, but the tokenizer has codes 0..{self.codebook_size - 1}")
 
 
-def load_tokenizer(run_id: str, device: str | torch.device = "cpu") -> Tokenizer:
-    """Rebuild a tokenizer from a vqvae run's latest checkpoint (never executes pickled code)."""
+def load_vq_model(run_id: str) -> tuple[VQModel, VQModelConfig, int]:
+    """(model, architecture, step) of a vqvae run: its weights-only model, or for runs made before those were
+    logged, its latest training checkpoint (never executes pickled code)."""
     get_run(run_id, "vqvae")
-    state, _ = load_checkpoint(run_id)
-    cfg = config_from_dict(VQConfig, state["config"])
+    weights = load_model_weights(run_id, KIND)
+    if weights is not None:
+        state, config, step = weights
+        cfg, what = config_from_dict(VQModelConfig, config), f"tokenizer model of run {run_id}"
+    else:
+        ckpt, _ = load_checkpoint(run_id)
+        state, step = ckpt["model"], int(ckpt.get("step", 0))
+        cfg, what = config_from_dict(VQConfig, ckpt["config"]), f"tokenizer checkpoint of run {run_id}"
     model = VQModel(cfg)
-    load_weights(model, state["model"], f"tokenizer checkpoint of run {run_id}")
-    return Tokenizer(model.to(device), cfg, run_id)
+    load_weights(model, state, what)
+    return model, cfg, step
+
+
+def load_tokenizer(run_id: str, device: str | torch.device = "cpu") -> Tokenizer:
+    """The tokenizer of a vqvae run (trained or imported), on ``device``."""
+    model, cfg, step = load_vq_model(run_id)
+    params = get_run(run_id).data.params
+    return Tokenizer(model.to(device), cfg, run_id, params.get("manifest"), float(params.get("val_fraction", 0.1)),
+                     step)

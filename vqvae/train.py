@@ -18,9 +18,12 @@ from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, config_params, explicit_options
 from core.runtime import Runtime, average_gradients, rng_state, set_rng_state
 from core.tracking import log_manifest, stage_run, with_tracking_options
+from core.weights import log_model_weights
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
 from vqvae.model import VQModel
+from vqvae.pretrained import init_from_run, start_from
+from vqvae.tokenizer import KIND
 
 @torch.no_grad()
 def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime, cfg: VQConfig,
@@ -65,11 +68,13 @@ def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict
     """Train (or resume) a tokenizer; returns the MLflow run ID."""
     if cfg.manifest:  # absolute, so later stages find it from any working directory
         cfg = dataclasses.replace(cfg, manifest=str(Path(cfg.manifest).resolve()))
-    with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as session:
-        return _train(*session, resume_run_id)
+    with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as (rt, cfg, state, slot):
+        cfg, init = init_from_run(rt, cfg, overrides) if cfg.init_from and state is None else (cfg, None)
+        return _train(rt, cfg, state, slot, resume_run_id, init)
 
 
-def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None) -> str:
+def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
+           init: dict | None = None) -> str:
     import mlflow
 
     with stage_run("vqvae", config_params(cfg), resume_run_id=resume_run_id, enabled=rt.is_main) as run:
@@ -88,6 +93,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
+        start_from(model, init, cfg, rt.is_main)
         step = 0
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
@@ -122,7 +128,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step
-                if step == cfg.warmup_steps and cfg.warmup_steps > 0 and cfg.codebook_init != "none":
+                if step == cfg.warmup_steps and cfg.codebook_init != "none" and (cfg.warmup_steps or cfg.init_from):
                     init_codebook(model, batches, rt, cfg)
                 lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
                 for opt in (opt_ae, opt_d):
@@ -175,6 +181,8 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 if rt.is_main and loop.due(cfg.val_every):
                     validate(model, loss_fn, val_loader, rt, cfg, loop.step)
                 loop.checkpoint_if_due()
+        if rt.is_main:
+            log_model_weights(model.state_dict(), KIND, dataclasses.asdict(cfg.model_config()), loop.step)
         return run.info.run_id if run else ""
 
 
