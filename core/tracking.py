@@ -208,7 +208,8 @@ def command_line(command: str, cfg: Any) -> str:
     import shlex
 
     words = ["python", "cli.py", command]
-    for f in dataclasses.fields(cfg):
+    first = {"manifest", *run_id_fields(cfg)}  # what the run was made from, then the options
+    for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name not in first):
         value, applies = getattr(cfg, f.name), f.metadata.get("applies")
         if value in (None, "", ()) or value == f.default or (applies is not None and not applies(cfg)):
             continue
