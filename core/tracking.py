@@ -261,13 +261,16 @@ def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, r
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag("resumed", "true")
     else:
-        upstream = get_run(upstream_run_id) if upstream_run_id else None
+        upstream = None
+        if upstream_run_id:
+            with contextlib.suppress(UserError):  # a wrong ID fails inside the run, which is then marked FAILED
+                upstream = get_run(upstream_run_id)
         data = data or (upstream.data.tags.get("data") if upstream else None)
         tags = {"stage": stage, "code_version": code_version()}
         if data:
             tags["data"] = data
-        if upstream:
-            tags["upstream_run_id"] = upstream.info.run_id
+        if upstream_run_id:
+            tags["upstream_run_id"] = upstream.info.run_id if upstream else upstream_run_id
         command = command_line(STAGE_COMMANDS.get(stage, stage), cfg) if cfg is not None else None
         tags[NOTE_TAG] = describe(stage, data, [upstream] if upstream else [], command)
         run_name = take_run_name("-".join([STAGE_SECTIONS[stage], *([data] if data else []), *name]))

@@ -75,6 +75,13 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI (`mlflow ui` serves on port 5000), in MLflow 3's "Model training" view rather
+    than the GenAI overview it opens on."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"),
               show_default=True, help="Folder for the digit images, the manifest and the sample grid.")
@@ -99,4 +106,6 @@ def demo_command(out: Path, quick: bool, force: bool, tracking_uri: str | None, 
     grid = download(run_ids["pipeline"], "grid.png", out)
     click.echo(f"samples: {grid.resolve()} ({SAMPLES_PER_DIGIT} per digit, digits 0-9 left to right)")
     click.echo(f"browse:  {ui_command(mlflow.get_tracking_uri())}")
+    parent = mlflow.MlflowClient().get_run(run_ids["pipeline"])
+    click.echo(f"then:    {run_url(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)}")
     click.echo(run_ids["decode"])
