@@ -91,3 +91,13 @@ def grid_image(images: torch.Tensor, nrow: int = 8, captions: Sequence[str] | No
         draw.text((left + c * tw + tw // 2, r * (th + caption_h) + th + 1), str(text), fill="black", font=font,
                   anchor="mt")
     return out
+
+
+def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, per_row: int = 4) -> Image.Image:
+    """Originals over their reconstructions, ``per_row`` pairs per block, rows labelled. Near-square, so it stays
+    legible in the MLflow UI's 256-px image previews (a single wide strip shrinks to a sliver)."""
+    rows, names = [], []
+    for lo in range(0, len(originals), per_row):
+        rows += [originals[lo:lo + per_row], reconstructions[lo:lo + per_row]]
+        names += ["original", "reconstruction"]
+    return grid_image(torch.cat(rows), nrow=min(per_row, len(originals)), row_names=names)

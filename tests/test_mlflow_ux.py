@@ -128,3 +128,19 @@ def test_unknown_model_reference_is_a_one_line_error(tracking_dir):
     proc = run_cli("quantize", "--vqvae-run-id", "models:/no-such-model@prod")
     assert proc.returncode == 1
     assert "no registered model version models:/no-such-model@prod" in error_line(proc.stderr)
+
+
+def test_grids_are_upscaled_sharp_and_labelled():
+    import torch
+
+    from core.images import comparison_grid, grid_image
+
+    images = torch.linspace(-1, 1, 4 * 3 * 8 * 8).view(4, 3, 8, 8)
+    plain = grid_image(images, nrow=2)
+    assert plain.width >= 512 and plain.size == (2 * (8 * 32 + 2) + 2,) * 2  # 8 px tiles x32: grid >= 512 wide
+    tile = torch.tensor(plain.getchannel(0).getdata()).view(plain.height, plain.width)[2:2 + 256, 2:2 + 256]
+    assert len(tile.unique()) == len((images[0, 0] + 1).mul(127.5).round().unique())  # nearest: no new values
+    captioned = grid_image(images, nrow=4, captions=["a", "b", "c", "d"])
+    assert captioned.height > grid_image(images, nrow=4).height  # room for the captions
+    pairs = comparison_grid(images, images.flip(0))
+    assert pairs.width > grid_image(torch.cat([images, images]), nrow=4).width  # row names on the left

@@ -94,7 +94,7 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
     codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
     model.train()
     captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
-    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=8, captions=captions), key="samples", step=step)
+    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), key="samples", step=step)
 
 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,

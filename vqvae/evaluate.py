@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
-from core.images import grid_image
+from core.images import comparison_grid
 from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, download, resolve_run_ids, with_tracking_options
@@ -191,8 +191,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
                      + [RunTag("eval/manifest", str(cfg.manifest or tok.cfg.manifest))])
     with artifact_folder(run_id, "eval") as out:
         pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
-        grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0]),
-                   row_names=("original", "reconstruction")).save(out / "worst.png")
+        comparison_grid(worst[1], worst[2]).save(out / "worst.png")
     click.echo(", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), err=True)
     return metrics
 

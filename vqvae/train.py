@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from core.checkpoint import load_weights
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
-from core.images import grid_image
+from core.images import comparison_grid
 from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, rng_state, set_rng_state
@@ -55,9 +55,8 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
     if loss_fn.perceptual is not None:
         metrics["val/lpips"] = lp / n
     mlflow.log_metrics(metrics, step=step)
-    # Originals on the top row, reconstructions below: the comparison people look for in the UI.
-    mlflow.log_image(grid_image(torch.cat(first), nrow=first[0].shape[0], row_names=("original", "reconstruction")),
-                     key="reconstructions", step=step)
+    # Originals over their reconstructions: the comparison people look for in the UI.
+    mlflow.log_image(comparison_grid(*first), key="reconstructions", step=step)
     return metrics
 
 
