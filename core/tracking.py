@@ -260,6 +260,9 @@ def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, r
         mlflow.set_experiment(experiment_id=get_run(resume_run_id).info.experiment_id)
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag("resumed", "true")
+        renamed = take_run_name("")
+        if renamed:  # --run-name when resuming renames the run
+            mlflow.set_tag("mlflow.runName", renamed)
     else:
         upstream = None
         if upstream_run_id:
