@@ -75,9 +75,10 @@ def grid_image(images: torch.Tensor, nrow: int = 8, captions: Sequence[str] | No
         return grid
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.load_default(size=14)
     th, tw = h * scale + 2, w * scale + 2  # tile pitch in the grid
-    caption_h = 18 if captions else 0
+    # text in proportion to the tiles, so it stays readable in MLflow's 256-px previews of the grid
+    font = ImageFont.load_default(size=max(14, th // 6))
+    caption_h = font.size + 4 if captions else 0
     left = 8 + max((int(font.getlength(n)) for n in row_names), default=0) if row_names else 0
     rows = math.ceil(len(images) / nrow)
     out = Image.new("RGB", (grid.width + left, rows * (th + caption_h) + 2), "white")
