@@ -32,7 +32,7 @@ def main() -> None:
     results = {}
     for name, (bs, workers) in variants.items():
         run_id = quantize(QuantizeConfig(vqvae_run_id=vq, batch_size=bs, num_workers=workers, device=args.device))
-        results[name] = mlflow.MlflowClient().get_run(run_id).data.metrics["images_per_sec"]
+        results[name] = mlflow.MlflowClient().get_run(run_id).data.metrics["quantize/images_per_sec"]
     print(f"\nquantize throughput — {machine()}", file=sys.stderr)
     print(f"tokenizer: {args.image_size}px, ch 64 x (1,2,2), codebook 512; {args.images} images", file=sys.stderr)
     ref = results["batch 1, 0 workers"]

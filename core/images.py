@@ -1,7 +1,9 @@
-"""Image I/O: any PIL-readable file to RGB, tensors in [-1, 1] to PIL images and grids."""
+"""Image I/O: any PIL-readable file to RGB, tensors in [-1, 1] to PIL images and grids people can see."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -9,6 +11,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 MIN_SIDE = 8  # smaller images carry too little to tokenize; treated as bad input
+MIN_TILE = 64  # px: grids are upscaled (nearest) so each image is at least this big...
+MIN_GRID_WIDTH = 512  # ...and the grid at least this wide, readable in the MLflow UI without zooming
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -55,7 +59,46 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(image[None])[0].permute(1, 2, 0).numpy())
 
 
-def grid_image(images: torch.Tensor, nrow: int = 8) -> Image.Image:
-    """A PIL grid of [-1, 1] images (B,3,H,W)."""
-    grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+def grid_image(images: torch.Tensor, nrow: int = 8, captions: Sequence[str] | None = None,
+               row_names: Sequence[str] | None = None) -> Image.Image:
+    """A PIL grid of [-1, 1] images (B,3,H,W), ``nrow`` per row, upscaled (nearest: pixels stay sharp) so a tile
+    is at least ``MIN_TILE`` px and the grid at least ``MIN_GRID_WIDTH`` px wide; ``captions`` are written under
+    each tile (e.g. class names), ``row_names`` to the left of each row (e.g. original / reconstruction)."""
+    images = to_uint8(images)
+    h, w = images.shape[-2:]
+    cols = min(nrow, len(images))
+    scale = max(1, math.ceil(MIN_TILE / min(h, w)), math.ceil(MIN_GRID_WIDTH / (cols * w)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = Image.fromarray(make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy())
+    if not captions and not row_names:
+        return grid
+    from PIL import ImageDraw, ImageFont
+
+    th, tw = h * scale + 2, w * scale + 2  # tile pitch in the grid
+    # text in proportion to the tiles, so it stays readable in MLflow's 256-px previews of the grid
+    font = ImageFont.load_default(size=max(14, th // 6))
+    caption_h = font.size + 4 if captions else 0
+    left = 8 + max((int(font.getlength(n)) for n in row_names), default=0) if row_names else 0
+    rows = math.ceil(len(images) / nrow)
+    out = Image.new("RGB", (grid.width + left, rows * (th + caption_h) + 2), "white")
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):  # paste each row of tiles, leaving room for its captions below
+        out.paste(grid.crop((0, r * th, grid.width, (r + 1) * th + 2)), (left, r * (th + caption_h)))
+        if row_names and r < len(row_names):
+            draw.text((4, r * (th + caption_h) + th // 2), row_names[r], fill="black", font=font, anchor="lm")
+    for i, text in enumerate(captions or ()):
+        r, c = divmod(i, nrow)
+        draw.text((left + c * tw + tw // 2, r * (th + caption_h) + th + 1), str(text), fill="black", font=font,
+                  anchor="mt")
+    return out
+
+
+def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, per_row: int = 4) -> Image.Image:
+    """Originals over their reconstructions, ``per_row`` pairs per block, rows labelled. Near-square, so it stays
+    legible in the MLflow UI's 256-px image previews (a single wide strip shrinks to a sliver)."""
+    rows, names = [], []
+    for lo in range(0, len(originals), per_row):
+        rows += [originals[lo:lo + per_row], reconstructions[lo:lo + per_row]]
+        names += ["original", "reconstruction"]
+    return grid_image(torch.cat(rows), nrow=min(per_row, len(originals)), row_names=names)

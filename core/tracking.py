@@ -1,9 +1,13 @@
-"""MLflow plumbing shared by every stage: connect, open/resume/fail a run, find runs and artifacts by ID."""
+"""MLflow plumbing shared by every stage: connect, open/resume/fail a run (named, described, nested under a
+pipeline), resolve run IDs and ``models:/`` URIs, find runs and artifacts."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import errno
 import os
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -18,6 +22,12 @@ from core.errors import UserError
 STAGES = ("vqvae", "quantize", "transformer", "generate", "decode")
 STAGE_COMMANDS = {"vqvae": "train-vqvae", "quantize": "quantize", "transformer": "train",
                   "generate": "generate", "decode": "decode"}
+# What each stage's run is, in words (first line of its description)
+STAGE_TITLES = {"vqvae": "VQGAN image tokenizer", "quantize": "dataset encoded into code grids",
+                "transformer": "transformer (GPT) over code grids", "generate": "sampled code grids and images",
+                "decode": "code grids decoded into images", "pipeline": "pipeline: one run per stage, nested below"}
+NOTE_TAG = "mlflow.note.content"  # the run/experiment description the UI shows (markdown)
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 DEFAULT_EXPERIMENT = "taming"
 # OSErrors that mean a full disk or a folder we may not write: a one-line error rather than a traceback
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -40,6 +50,26 @@ def with_tracking_options(fn):
     return fn
 
 
+# --run-name of the command being run: taken by the first run it opens (a pipeline's parent, not its stages)
+_RUN_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_name", default=None)
+
+
+def _store_run_name(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    _RUN_NAME.set(value or None)
+
+
+run_name_option = click.option(
+    "--run-name", default=None, expose_value=False, callback=_store_run_name,
+    help="Name of the MLflow run (default: from the stage, its data and its key options).")
+
+
+def take_run_name(default: str) -> str:
+    """The --run-name given on the command line (once), else ``default``."""
+    name = _RUN_NAME.get()
+    _RUN_NAME.set(None)
+    return name or default
+
+
 def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT) -> None:
     """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds."""
     import mlflow
@@ -55,9 +85,22 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
                             "start it or pass another --tracking-uri") from None
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+        exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+        for key, value in EXPERIMENT_TAGS.items():  # once: a user's own description or kind is kept
+            if key not in exp.tags:
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line
         raise UserError(f"cannot use MLflow tracking store {uri}: {_first_line(exc)}") from None
+
+
+EXPERIMENT_NOTE = """Runs of **taming-mlflow** (VQGAN tokenizer + transformer, Esser et al. 2021).
+
+Each stage is a run, tagged `stage`: `vqvae` (tokenizer) → `quantize` (dataset as code grids) → `transformer` \
+→ `generate` (samples, with a picture) → `decode` (one PNG per sample). A `pipeline` or `demo` is one parent run \
+with its stages nested below it: expand its row. Every run's description links the run it was built from and \
+gives the command that reproduces it; the Models column holds the tokenizer and generator as MLflow models."""
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training
+EXPERIMENT_TAGS = {NOTE_TAG: EXPERIMENT_NOTE, "mlflow.experimentKind": "custom_model_development"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -65,11 +108,55 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def get_run(run_id: str, stage: str | None = None):
-    """Fetch a run, checking it exists and (if given) that it belongs to ``stage``."""
+def resolve_run_id(ref: str) -> str:
+    """A run ID as given, or the source run of a registered model version (``models:/NAME/VERSION`` or
+    ``models:/NAME@ALIAS``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if not ref.startswith("models:/"):
+        return ref
+    match = MODEL_URI.match(ref)
+    if not match:
+        raise UserError(f"{ref!r} is not a model URI; use models:/NAME/VERSION or models:/NAME@ALIAS")
+    client, name = mlflow.MlflowClient(), match["name"]
+    try:
+        version = (client.get_model_version(name, match["version"]) if match["version"]
+                   else client.get_model_version_by_alias(name, match["alias"]))
+    except MlflowException:
+        raise UserError(f"no registered model version {ref} in {mlflow.get_tracking_uri()}; register one with "
+                        "--register NAME, or check the name, version or alias") from None
+    if not version.run_id:
+        raise UserError(f"{ref} was not logged by a run of this toolkit; pass a run ID instead")
+    return version.run_id
+
+
+def run_id_fields(cfg: Any) -> list[str]:
+    """Config fields that name another run (they accept ``models:/`` URIs; the run link replaces the param)."""
+    return [f.name for f in dataclasses.fields(cfg) if f.name == "run_id" or f.name.endswith("_run_id")]
+
+
+def resolve_run_ids(cfg: Any) -> Any:
+    """``cfg`` with every ``models:/`` URI in its run-ID fields replaced by the model's source run ID."""
+    return dataclasses.replace(cfg, **{name: resolve_run_id(getattr(cfg, name)) for name in run_id_fields(cfg)
+                                       if getattr(cfg, name)})
+
+
+def run_params(cfg: Any) -> dict[str, Any]:
+    """The MLflow params of a stage config: options that apply, without run IDs (the description links them)."""
+    from core.options import config_params
+
+    ids = set(run_id_fields(cfg))
+    return {k: v for k, v in config_params(cfg).items() if k not in ids}
+
+
+def get_run(run_id: str, stage: str | None = None):
+    """Fetch a run (or a ``models:/`` URI's source run), checking it exists and (if given) that it belongs to
+    ``stage``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = resolve_run_id(run_id)
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
@@ -99,11 +186,67 @@ def code_version() -> str:
             return "unknown"
 
 
+STAGE_SECTIONS = {"vqvae": "vqvae", "quantize": "quantize", "transformer": "train", "generate": "generate",
+                  "decode": "decode", "pipeline": "pipeline"}  # run names start with these
+GENERIC_MANIFEST_NAMES = {"manifest", "index", "data", "dataset", "labels", "train", "images"}
+
+
+def data_name(manifest: str | Path) -> str:
+    """A short name for a dataset: the manifest's file name, or its folder's when the file name is generic."""
+    path = Path(manifest)
+    name = path.parent.name if path.stem.lower() in GENERIC_MANIFEST_NAMES else path.stem
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
+
+
+def run_link(run) -> str:
+    """A markdown link to a run that works inside the MLflow UI."""
+    return f"[{run.info.run_name or run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+
+
+def command_line(command: str, cfg: Any) -> str:
+    """The `python cli.py ...` line that makes a run with ``cfg`` (options left at their default omitted)."""
+    import shlex
+
+    words = ["python", "cli.py", command]
+    first = {"manifest", *run_id_fields(cfg)}  # what the run was made from, then the options
+    for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name not in first):
+        value, applies = getattr(cfg, f.name), f.metadata.get("applies")
+        if value in (None, "", ()) or value == f.default or (applies is not None and not applies(cfg)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif f.metadata.get("multiple"):
+            for item in value:
+                words += [flag, shlex.quote(str(item))]
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            words += [flag, shlex.quote(text)]
+    return " ".join(words)
+
+
+def describe(stage: str, data: str | None, upstream: list, command: str | None, extra: str = "") -> str:
+    """A run's description: what it is, the runs it was built from (links), how to make it again."""
+    lines = [f"**{STAGE_TITLES[stage]}**" + (f" on `{data}`" if data else "") + f" · stage `{stage}`"]
+    if upstream:
+        lines.append("Built from: " + ", ".join(f"{r.data.tags.get('stage', 'run')} run {run_link(r)}"
+                                               for r in upstream))
+    if extra:
+        lines.append(extra)
+    if command:
+        lines.append(f"Reproduce (code version `{code_version()[:12]}`):\n\n```bash\n{command}\n```")
+    return "\n\n".join(lines)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any] | None = None, upstream_run_id: str | None = None,
-              resume_run_id: str | None = None, enabled: bool = True) -> Iterator[Any]:
+def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, resume_run_id: str | None = None,
+              enabled: bool = True, name: tuple[str, ...] = (), data: str | None = None,
+              echo: bool = True) -> Iterator[Any]:
     """Open (or resume) the stage's MLflow run; mark it FAILED/KILLED on errors; print its ID last on stdout.
 
+    A new run is named ``SECTION-DATA-NAME...`` (or --run-name), nested under the active run (a pipeline's
+    parent) if any, tagged with its data name (``data``, else the upstream run's), and described in markdown
+    (what it is, a link to its upstream run, the command that reproduces it). ``cfg`` gives the params.
     ``enabled=False`` (non-zero ranks of a distributed job) yields None and never touches MLflow.
     """
     import mlflow
@@ -113,16 +256,30 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, upstream_run_id:
         return
     if resume_run_id:
         # the run stays in its own experiment, whatever --experiment says (MLflow refuses a mismatch)
-        mlflow.set_experiment(experiment_id=get_run(resume_run_id, stage).info.experiment_id)
+        resume_run_id = get_run(resume_run_id, stage).info.run_id
+        mlflow.set_experiment(experiment_id=get_run(resume_run_id).info.experiment_id)
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag("resumed", "true")
+        renamed = take_run_name("")
+        if renamed:  # --run-name when resuming renames the run
+            mlflow.set_tag("mlflow.runName", renamed)
     else:
-        tags = {"stage": stage, "code_version": code_version()}
+        upstream = None
         if upstream_run_id:
-            tags["upstream_run_id"] = upstream_run_id
-        run = mlflow.start_run(tags=tags)
-        if params:
-            mlflow.log_params(params)
+            with contextlib.suppress(UserError):  # a wrong ID fails inside the run, which is then marked FAILED
+                upstream = get_run(upstream_run_id)
+        data = data or (upstream.data.tags.get("data") if upstream else None)
+        tags = {"stage": stage, "code_version": code_version()}
+        if data:
+            tags["data"] = data
+        if upstream_run_id:
+            tags["upstream_run_id"] = upstream.info.run_id if upstream else upstream_run_id
+        command = command_line(STAGE_COMMANDS.get(stage, stage), cfg) if cfg is not None else None
+        tags[NOTE_TAG] = describe(stage, data, [upstream] if upstream else [], command)
+        run_name = take_run_name("-".join([STAGE_SECTIONS[stage], *([data] if data else []), *name]))
+        run = mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None)
+        if cfg is not None:
+            mlflow.log_params(run_params(cfg))
     run_id = run.info.run_id
     try:
         yield run
@@ -144,7 +301,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, upstream_run_id:
             raise UserError(message) from None
         raise
     mlflow.end_run("FINISHED")
-    click.echo(run_id)  # last stdout line: lets shells chain stages with $(... | tail -n1)
+    if echo:
+        click.echo(run_id)  # last stdout line: lets shells chain stages with $(... | tail -n1)
 
 
 def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> Path:
@@ -162,7 +320,8 @@ def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> 
 
 
 def find_upstream(run_id: str, stage: str, max_hops: int = 6):
-    """Follow ``upstream_run_id`` tags from ``run_id`` until a run of ``stage`` (the run itself counts)."""
+    """Follow ``upstream_run_id`` tags from ``run_id`` (or a ``models:/`` URI) until a run of ``stage`` (the run
+    itself counts)."""
     run = get_run(run_id)
     for _ in range(max_hops):
         if run.data.tags.get("stage") == stage:

@@ -23,15 +23,17 @@ def test_quick_demo_runs_every_stage_and_fetches_the_grid(tracking_dir, tmp_path
     run_ids = [s[2] for s in stages]
     assert last_line(res.stdout) == run_ids[-1]
 
-    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = pd.read_csv(out / "digits.csv")
     assert sorted(manifest.label.unique()) == list(range(10)) and set(manifest.split) == {"train", "val"}
     with Image.open(out / manifest.image_path[0]) as img:
         assert img.size == (32, 32)
     grid = out / "grid.png"
     assert f"samples: {grid.resolve()}" in res.stdout
     with Image.open(grid) as img:
-        assert img.width == 2 + 10 * 34  # ten digits per row
+        assert img.width == 2 + 10 * 66  # ten digits per row, 32 px upscaled to 64 px tiles
     assert re.search(r"mlflow ui --backend-store-uri sqlite:////\S+mlflow\.db", res.stdout)
+    assert re.search(r"then: +http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning",
+                     res.stdout)
 
     client = mlflow.MlflowClient()
     runs = [client.get_run(r) for r in run_ids]
@@ -39,6 +41,10 @@ def test_quick_demo_runs_every_stage_and_fetches_the_grid(tracking_dir, tmp_path
     assert all(r.info.status == "FINISHED" for r in runs)
     assert [r.data.tags.get("upstream_run_id") for r in runs] == [None] + run_ids[:-1]
     assert runs[2].data.params["window_size"] != "0" and runs[2].data.params["num_classes"] == "10"
+    assert [r.info.run_name.split("-")[:2] for r in runs] == [[s, "digits"] for s in SECTIONS]
+    parent = client.get_run(lines[5].split()[1])  # `pipeline RUN_ID`
+    assert parent.info.run_name == "pipeline-digits-demo-quick" and parent.data.tags["stage"] == "pipeline"
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
 
 
 def test_quick_demo_from_the_shell_prints_the_decode_run_id_last(tracking_dir, tmp_path):

@@ -58,7 +58,9 @@ def pipeline(*args, experiment: str):
 
 
 def num_runs(experiment: str) -> int:
-    return len(mlflow.search_runs(experiment_names=[experiment], output_format="list"))
+    """Stage runs (each pipeline also opens a parent run, tag stage=pipeline)."""
+    return len(mlflow.search_runs(experiment_names=[experiment], filter_string="tags.stage != 'pipeline'",
+                                  output_format="list"))
 
 
 @pytest.fixture
@@ -83,6 +85,13 @@ def test_reuses_finished_stages_and_reruns_from_the_changed_one(tracking_dir, da
     again, actions = pipeline(*args, experiment=exp)
     assert again == first and set(actions.values()) == {"reused"}
     assert num_runs(exp) == 5
+    # the second pipeline's parent links the reused runs (tags, description) without adopting them as children
+    parent = mlflow.search_runs(experiment_names=[exp], filter_string="tags.stage = 'pipeline'",
+                                order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert all(parent.data.tags[f"run_id.{s}"] == first[s] for s in SECTIONS)
+    assert parent.data.tags["mlflow.note.content"].count("reused") == 5
+    assert not mlflow.search_runs(experiment_names=[exp], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
     new_seed, actions = pipeline(*args, "--set", "generate.seed=1", experiment=exp)
     assert [actions[s] for s in SECTIONS] == ["reused"] * 3 + ["ran"] * 2
@@ -112,7 +121,7 @@ def test_failed_stage_stops_with_one_line_and_a_rerun_continues(tracking_dir, da
     statuses = {r.data.tags["stage"]: r.info.status for r in mlflow.search_runs(experiment_names=[exp],
                                                                                 output_format="list")}
     assert statuses == {"vqvae": "FINISHED", "quantize": "FINISHED", "transformer": "FINISHED",
-                        "generate": "FAILED"}
+                        "generate": "FAILED", "pipeline": "FAILED"}
 
     _, actions = pipeline("--manifest", dataset, "--config", yaml_config, "--set", "generate.label=red",
                           experiment=exp)

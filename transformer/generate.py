@@ -1,7 +1,8 @@
 """generate: sample code grids from a trained transformer into a new run (tag stage=generate).
 
 Artifacts: ``samples/codes.npy`` (N,H,W), ``samples/logprob.npy``, ``settings.json`` (every setting plus the
-label of each sample) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
+label of each sample), ``grid.png`` (the samples decoded through the upstream tokenizer, captioned with their
+class names) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from torchvision import transforms
 from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
-from core.options import Config, build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
+                           stage_run, with_tracking_options)
 from core.weights import load_model_weights
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
@@ -29,7 +31,8 @@ from transformer.vocab import Vocab
 
 @dataclass
 class GenerateConfig(Config):
-    transformer_run_id: str = opt(None, "Run ID of the train (transformer) stage.")
+    transformer_run_id: str = opt(None, "Run ID of the train (transformer) stage (or models:/NAME/VERSION, "
+                                       "models:/NAME@ALIAS).")
     num_samples: int = opt(16, "Number of code grids to sample.", ge=1)
     label: tuple[str, ...] = opt((), "Class label (name or id) to sample; several cycle over the samples. "
                                     "Default for a conditional model: every class in turn.", multiple=True)
@@ -123,6 +126,15 @@ def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int 
     frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 4, duration=120, loop=0)
 
 
+def run_name_parts(cfg: GenerateConfig) -> tuple[str, ...]:
+    """The sampling options that tell generate runs apart, for the run name (e.g. cfg2-k100-s0)."""
+    parts = [f"cfg{cfg.cfg_scale:g}" if cfg.cfg_scale != 1 else "", f"T{cfg.temperature:g}" if cfg.temperature != 1
+             else "", f"k{cfg.top_k}" if cfg.top_k else "", f"p{cfg.top_p:g}" if cfg.top_p < 1 else "",
+             f"best{cfg.best_of}" if cfg.best_of > 1 else "", "completion" if cfg.context_image else "",
+             cfg.latent_size or "", f"s{cfg.seed}"]
+    return tuple(p for p in parts if p)
+
+
 def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
     import mlflow
 
@@ -130,14 +142,13 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
 
     rt = setup_runtime(cfg.device)
     connect(tracking_uri, experiment)
-    with stage_run("generate", config_params(cfg), upstream_run_id=cfg.transformer_run_id) as run:
+    cfg = resolve_run_ids(cfg)
+    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg)) as run:
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
         labels, names = sample_labels(cfg, vocab)
         vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
-        tokenizer = None
-        if cfg.context_image or cfg.gif:
-            tokenizer = load_tokenizer(vqvae_run_id, rt.device)
+        tokenizer = load_tokenizer(vqvae_run_id, rt.device)
         context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
         try:
             codes, logprob = generate(model, cfg.num_samples, grid_shape=grid, labels=labels,
@@ -155,12 +166,17 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
             (out / "settings.json").write_text(json.dumps(settings, indent=2))
             if cfg.gif:
                 generation_gif(codes.cpu(), tokenizer, out / "samples" / "generation.gif")
-        mlflow.log_metric("mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
+            images = torch.cat([tokenizer.decode(b).cpu() for b in codes.split(cfg.batch_size)])
+            distinct = len(set(names))  # labels cycle: one column per label when there are a few
+            nrow = distinct if 1 < distinct <= 16 else 8
+            grid_image(images, nrow=nrow, captions=names if labels is not None else None).save(out / "grid.png")
+        mlflow.log_metric("generate/mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
         return run.info.run_id
 
 
 @click.command("generate")
 @config_options(GenerateConfig)
+@run_name_option
 @with_tracking_options
 def generate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Sample code grids from a trained transformer (prints the run ID last); `decode` turns them into images."""

@@ -18,9 +18,9 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.images import grid_image
 from core.loop import TrainLoop, training_session
-from core.options import build_config, config_options, config_params, explicit_options
+from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, broadcast_from_main, rng_state, set_rng_state
-from core.tracking import download, get_run, stage_run, with_tracking_options
+from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
@@ -94,24 +94,28 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
     model.eval()
     codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
     model.train()
-    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=8), key="samples", step=step)
+    captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
+    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), key="samples", step=step)
 
 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
-                      tracking_uri: str | None = None, experiment: str | None = None) -> str:
-    """Train (or resume) the transformer; returns the MLflow run ID."""
+                      tracking_uri: str | None = None, experiment: str | None = None,
+                      register: str | None = None) -> str:
+    """Train (or resume) the transformer; returns the MLflow run ID. ``register``: Model Registry name."""
     with training_session(cfg, "transformer", resume_run_id, overrides, tracking_uri, experiment) as session:
-        return _train(*session, resume_run_id)
+        return _train(*session, resume_run_id, register)
 
 
 def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | None,
-           resume_run_id: str | None) -> str:
+           resume_run_id: str | None, register: str | None = None) -> str:
     import mlflow
 
+    from transformer.pyfunc_model import log_generator_model
     from vqvae.tokenizer import load_tokenizer
 
-    with stage_run("transformer", config_params(cfg), upstream_run_id=cfg.quantize_run_id,
-                   resume_run_id=resume_run_id, enabled=rt.is_main) as run:
+    with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, resume_run_id=resume_run_id,
+                   enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
+                                             f"L{cfg.n_layer}")) as run:
         data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None
         (data,) = broadcast_from_main(rt, data)
         vocab = data.vocab
@@ -190,18 +194,22 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 loop.checkpoint_if_due()
         if rt.is_main:
             log_model_weights(model.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step)
+            log_generator_model(model, vocab, tokenizer, loop.step, register)
         return run.info.run_id if run else ""
 
 
 @click.command("train")
 @config_options(GPTTrainConfig)
 @click.option("--resume", "resume_run_id", default=None, help="Continue this transformer run from its last checkpoint.")
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the trained generator (transformer + its tokenizer) in the Model Registry as NAME.")
+@run_name_option
 @with_tracking_options
 @click.pass_context
-def train_command(ctx: click.Context, resume_run_id: str | None, tracking_uri: str | None, experiment: str,
-                  **values: Any) -> None:
+def train_command(ctx: click.Context, resume_run_id: str | None, register: str | None, tracking_uri: str | None,
+                  experiment: str, **values: Any) -> None:
     """Train the transformer on a quantize run's code grids (prints the run ID last)."""
     cfg = build_config(GPTTrainConfig, values)
     if not resume_run_id and not cfg.quantize_run_id:
         raise UserError("--quantize-run-id is required (the run ID printed by quantize), unless --resume is given")
-    train_transformer(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment)
+    train_transformer(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment, register)

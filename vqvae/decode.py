@@ -11,9 +11,10 @@ import torch
 
 from core.errors import UserError
 from core.images import grid_image, to_pil
-from core.options import Config, build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import artifact_folder, connect, download, find_upstream, get_run, stage_run, with_tracking_options
+from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
+                           stage_run, with_tracking_options)
 from vqvae.tokenizer import load_tokenizer
 
 SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
@@ -23,7 +24,7 @@ SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
 class DecodeConfig(Config):
     run_id: str = opt(None, "A generate or quantize run whose code grids to decode.")
     indices: str = opt(None, ".npy file of code grids (N,h,w) from elsewhere (needs --vqvae-run-id).")
-    vqvae_run_id: str = opt(None, "Tokenizer run for --indices.")
+    vqvae_run_id: str = opt(None, "Tokenizer run for --indices (or models:/NAME/VERSION, models:/NAME@ALIAS).")
     split: str = opt("val", "Split to decode from a quantize run.", choices=["train", "val"])
     max_images: int = opt(64, "Decode at most this many grids.", ge=1)
     nrow: int = opt(8, "Images per row in the grid.", ge=1)
@@ -68,8 +69,10 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
 
     rt = setup_runtime(cfg.device)
     connect(tracking_uri, experiment)
+    cfg = resolve_run_ids(cfg)
     upstream = cfg.run_id or cfg.vqvae_run_id
-    with stage_run("decode", config_params(cfg), upstream_run_id=upstream) as run:
+    with stage_run("decode", cfg, upstream_run_id=upstream,
+                   name=(Path(cfg.indices).stem,) if cfg.indices else ()) as run:
         codes, vqvae_run = source_codes(cfg)
         tok = load_tokenizer(vqvae_run, rt.device)
         codes = codes[: cfg.max_images]
@@ -82,12 +85,13 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
             for i, img in enumerate(images):
                 to_pil(img).save(out / "images" / f"{i:04d}.png")
             grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
-        mlflow.log_metric("num_images", len(images))
+        mlflow.log_metric("data/num_images", len(images))
         return run.info.run_id
 
 
 @click.command("decode")
 @config_options(DecodeConfig)
+@run_name_option
 @with_tracking_options
 def decode_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Decode code grids into PNG images and a grid (prints the run ID last)."""

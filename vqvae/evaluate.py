@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
-from core.images import grid_image
+from core.images import comparison_grid
 from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import artifact_folder, connect, with_tracking_options
+from core.tracking import artifact_folder, connect, resolve_run_ids, with_tracking_options
 from vqvae.quantize import usage_stats
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -129,6 +129,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
 
     rt = setup_runtime(cfg.device)
     connect(tracking_uri, experiment)
+    cfg = resolve_run_ids(cfg)
     tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
     paths = val_paths(tok, cfg)
     lpips, lpips_note = load_lpips(rt.device)
@@ -186,7 +187,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
                      + [RunTag("eval/manifest", str(cfg.manifest or tok.manifest))])
     with artifact_folder(run_id, "eval") as out:
         pd.DataFrame({"image_path": paths, **per_image}).to_csv(out / "per_image.csv", index=False)
-        grid_image(torch.cat([worst[1], worst[2]]), nrow=len(worst[0])).save(out / "worst.png")
+        comparison_grid(worst[1], worst[2]).save(out / "worst.png")
     click.echo(", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()), err=True)
     return metrics
 

@@ -20,16 +20,17 @@ from tqdm import tqdm
 
 from core.data import ImageDataset, read_manifest
 from core.errors import UserError
-from core.options import Config, build_config, config_options, config_params, opt
+from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import artifact_folder, connect, log_manifest, stage_run, with_tracking_options
+from core.tracking import (artifact_folder, connect, data_name, log_manifest, resolve_run_ids, run_name_option,
+                           stage_run, with_tracking_options)
 from transformer.vocab import Vocab
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
 class QuantizeConfig(Config):
-    vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage.")
+    vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage (or models:/NAME/VERSION, models:/NAME@ALIAS).")
     manifest: str = opt(None, "CSV manifest to encode (default: the tokenizer's).")
     batch_size: int = opt(64, "Images per batch.", ge=1)
     num_workers: int = opt(2, "DataLoader worker processes.", ge=0)
@@ -88,7 +89,9 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
 
     rt = setup_runtime(cfg.device, cfg.precision)
     connect(tracking_uri, experiment)
-    with stage_run("quantize", config_params(cfg), upstream_run_id=cfg.vqvae_run_id) as run:
+    cfg = resolve_run_ids(cfg)
+    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id,
+                   data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
         manifest = cfg.manifest or tok.manifest
         if manifest is None:
@@ -115,8 +118,8 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
             pd.concat(index).to_csv(out / "index.csv", index=False)
             (out / "vocab.json").write_text(vocab.to_json())
         counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
-        mlflow.log_metrics({"codebook_usage": used, "perplexity": ppl, "num_images": len(df),
-                            "skipped_images": skipped, "images_per_sec": len(df) / max(elapsed, 1e-9)})
+        mlflow.log_metrics({"quantize/codebook_usage": used, "quantize/perplexity": ppl, "data/num_images": len(df),
+                            "data/skipped_images": skipped, "quantize/images_per_sec": len(df) / max(elapsed, 1e-9)})
         fig = usage_figure(counts)
         mlflow.log_figure(fig, "codebook_usage.png")
         plt.close(fig)
@@ -125,6 +128,7 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
 
 @click.command("quantize")
 @config_options(QuantizeConfig)
+@run_name_option
 @with_tracking_options
 def quantize_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Encode a dataset into code grids with a trained tokenizer (prints the run ID last)."""

@@ -70,7 +70,7 @@ class Tokenizer:
 def load_vq_model(run_id: str) -> tuple[VQModel, VQModelConfig, int]:
     """(model, architecture, step) of a vqvae run: its weights-only model, or for runs made before those were
     logged, its latest training checkpoint (never executes pickled code)."""
-    get_run(run_id, "vqvae")
+    run_id = get_run(run_id, "vqvae").info.run_id  # a models:/ URI becomes its source run
     weights = load_model_weights(run_id, KIND)
     if weights is not None:
         state, config, step = weights

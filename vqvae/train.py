@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader
 from core.checkpoint import load_weights
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
-from core.images import grid_image
+from core.images import comparison_grid
 from core.loop import TrainLoop, training_session
-from core.options import build_config, config_options, config_params, explicit_options
+from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, rng_state, set_rng_state
-from core.tracking import log_manifest, stage_run, with_tracking_options
+from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
@@ -58,26 +58,42 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
     if loss_fn.perceptual is not None:
         metrics["val/lpips"] = lp / n
     mlflow.log_metrics(metrics, step=step)
-    # Originals on the top row, reconstructions below: the comparison people look for in the UI.
-    mlflow.log_image(grid_image(torch.cat(first), nrow=first[0].shape[0]), key="reconstructions", step=step)
+    # Originals over their reconstructions: the comparison people look for in the UI.
+    mlflow.log_image(comparison_grid(*first), key="reconstructions", step=step)
     return metrics
 
 
+def active_terms(logs: dict[str, float], cfg: VQConfig, step: int) -> dict[str, float]:
+    """The loss terms that mean something at ``step``: no flat zeros for switched-off parts, no duplicates."""
+    off = set()
+    if cfg.perceptual_weight == 0:
+        off |= {"p_loss", "nll_loss"}  # without LPIPS the nll is the pixel loss itself
+    if step < cfg.disc_start:
+        off |= {"g_loss", "d_weight", "d_loss", "logits_real", "logits_fake"}
+    if cfg.quantizer != "vq" or step < cfg.warmup_steps:
+        off.add("q_loss")  # FSQ has no quantizer loss; the warm-up skips the quantizer
+    return {k: v for k, v in logs.items() if k not in off}
+
+
 def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict | None = None,
-                tracking_uri: str | None = None, experiment: str | None = None) -> str:
-    """Train (or resume) a tokenizer; returns the MLflow run ID."""
+                tracking_uri: str | None = None, experiment: str | None = None, register: str | None = None) -> str:
+    """Train (or resume) a tokenizer; returns the MLflow run ID. ``register``: Model Registry name."""
     if cfg.manifest:  # absolute, so later stages find it from any working directory
         cfg = dataclasses.replace(cfg, manifest=str(Path(cfg.manifest).resolve()))
     with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as (rt, cfg, state, slot):
         cfg, init = init_from_run(rt, cfg, overrides) if cfg.init_from and state is None else (cfg, None)
-        return _train(rt, cfg, state, slot, resume_run_id, init)
+        return _train(rt, cfg, state, slot, resume_run_id, init, register)
 
 
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
-           init: dict | None = None) -> str:
+           init: dict | None = None, register: str | None = None) -> str:
     import mlflow
 
-    with stage_run("vqvae", config_params(cfg), resume_run_id=resume_run_id, enabled=rt.is_main) as run:
+    from vqvae.pyfunc_model import log_tokenizer_model
+
+    codes = f"K{cfg.codebook_size}" if cfg.quantizer == "vq" else "FSQ" + "x".join(map(str, cfg.fsq_levels))
+    with stage_run("vqvae", cfg, resume_run_id=resume_run_id, enabled=rt.is_main,
+                   name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         if cfg.manifest is None:
             raise UserError("--manifest is required: a CSV with an image_path column")
         df, skipped = read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
@@ -172,7 +188,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                         opt_d.zero_grad(set_to_none=True)
                 loop.end_step(seen)
                 if rt.is_main and finite and loop.due(cfg.log_every):
-                    metrics = {f"train/{k}": v for k, v in logs.items()}
+                    metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
                     metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
                     mlflow.log_metrics(metrics, step=loop.step)
@@ -183,6 +199,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 loop.checkpoint_if_due()
         if rt.is_main:
             log_model_weights(model.state_dict(), KIND, dataclasses.asdict(cfg.model_config()), loop.step)
+            log_tokenizer_model(model, cfg, loop.step, register)
         return run.info.run_id if run else ""
 
 
@@ -201,12 +218,15 @@ def init_codebook(model: VQModel, batches, rt: Runtime, cfg: VQConfig, num_batch
 @click.command("train-vqvae")
 @config_options(VQConfig)
 @click.option("--resume", "resume_run_id", default=None, help="Continue this vqvae run from its last checkpoint.")
+@click.option("--register", default=None, metavar="NAME",
+              help="Register the trained tokenizer in the Model Registry under NAME (a new version).")
+@run_name_option
 @with_tracking_options
 @click.pass_context
-def train_vqvae_command(ctx: click.Context, resume_run_id: str | None, tracking_uri: str | None,
-                        experiment: str, **values: Any) -> None:
+def train_vqvae_command(ctx: click.Context, resume_run_id: str | None, register: str | None,
+                        tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Train the VQGAN tokenizer on a CSV manifest (prints the run ID last)."""
     cfg = build_config(VQConfig, values)
     if not resume_run_id and cfg.manifest is None:
         raise UserError("--manifest is required (a CSV with an image_path column), unless --resume is given")
-    train_vqvae(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment)
+    train_vqvae(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment, register)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.tracking import download, with_tracking_options
+from core.tracking import download, run_name_option, with_tracking_options
 from workflows.pipeline import run_pipeline
 
 IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (bicubic); benchmarks/demo_quality.py undoes it with a 4x4 box
@@ -46,7 +46,8 @@ QUICK: dict[str, dict[str, Any]] = {
 
 
 def write_digits(out: Path, per_digit: int | None = None) -> Path:
-    """Write the digits as 32x32 grayscale PNGs plus ``manifest.csv`` (every 8th image of a digit: val)."""
+    """Write the digits as 32x32 grayscale PNGs plus the manifest ``digits.csv`` (every 8th image of a digit: val;
+    its name names the runs: vqvae-digits-...)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -60,7 +61,7 @@ def write_digits(out: Path, per_digit: int | None = None) -> Path:
         gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).save(out / name)
         rows.append(f"{name},{label},{'val' if seen[label] % 8 == 7 else 'train'}")
         seen[label] += 1
-    manifest = out / "manifest.csv"
+    manifest = out / "digits.csv"
     manifest.write_text("\n".join(rows) + "\n")
     return manifest
 
@@ -74,12 +75,20 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI (`mlflow ui` serves on port 5000), in MLflow 3's "Model training" view rather
+    than the GenAI overview it opens on."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"),
               show_default=True, help="Folder for the digit images, the manifest and the sample grid.")
 @click.option("--quick", is_flag=True, help="Tiny models on 300 of the 1797 digits: the same path in under a "
                                             "minute, with unrecognisable samples (for tests).")
 @click.option("--force", is_flag=True, help="Re-run every stage even where an identical finished run exists.")
+@run_name_option
 @with_tracking_options
 def demo_command(out: Path, quick: bool, force: bool, tracking_uri: str | None, experiment: str) -> None:
     """Train and sample the whole pipeline on built-in handwritten digits (prints the decode run ID last)."""
@@ -92,8 +101,11 @@ def demo_command(out: Path, quick: bool, force: bool, tracking_uri: str | None, 
     manifest = write_digits(out, per_digit=30 if quick else None)
     settings = {**(QUICK if quick else FULL)}
     settings["vqvae"] = {**settings["vqvae"], "manifest": str(manifest)}
-    run_ids = run_pipeline(settings, force, tracking_uri, experiment)
-    grid = download(run_ids["decode"], "grid.png", out)
+    command = "python cli.py demo" + " --quick" * quick + f" --out {shlex.quote(str(out.resolve()))}"
+    run_ids = run_pipeline(settings, force, tracking_uri, experiment, command, ("demo-quick",) if quick else ("demo",))
+    grid = download(run_ids["pipeline"], "grid.png", out)
     click.echo(f"samples: {grid.resolve()} ({SAMPLES_PER_DIGIT} per digit, digits 0-9 left to right)")
     click.echo(f"browse:  {ui_command(mlflow.get_tracking_uri())}")
+    parent = mlflow.MlflowClient().get_run(run_ids["pipeline"])
+    click.echo(f"then:    {run_url(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)}")
     click.echo(run_ids["decode"])

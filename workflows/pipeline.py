@@ -2,10 +2,13 @@
 
 Settings come from a TOML or YAML file with one section per stage command ([vqvae], [quantize], [train],
 [generate], [decode]) holding that command's options, then from ``--set STAGE.KEY=VALUE``, then ``--manifest``.
+The pipeline is one parent MLflow run (tag stage=pipeline): the stages it runs are nested below it; the stages
+it reuses are linked from its description and tags; it holds the settings and the final sample grid.
 """
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 import time
 import tomllib
@@ -17,8 +20,9 @@ import click
 import yaml
 
 from core.errors import UserError
-from core.options import build_config, config_params
-from core.tracking import code_version, connect, with_tracking_options
+from core.options import build_config
+from core.tracking import (NOTE_TAG, code_version, connect, data_name, describe, download, get_run, run_link, run_params,
+                           run_name_option, stage_run, with_tracking_options)
 from transformer.config import GPTTrainConfig
 from transformer.generate import GenerateConfig, generate_command, run_generate
 from transformer.train import train_command, train_transformer
@@ -145,7 +149,7 @@ def find_finished(stage: Stage, cfg: Any, upstream: str | None, version: str) ->
     query = [f"tags.stage = '{stage.tag}'", "attributes.status = 'FINISHED'", f"tags.code_version = '{version}'"]
     if upstream:
         query.append(f"tags.upstream_run_id = '{upstream}'")
-    params = {k: str(v) for k, v in config_params(cfg).items()}  # as MLflow stores them
+    params = {k: str(v) for k, v in run_params(cfg).items()}  # as MLflow stores them
     for run in mlflow.search_runs(filter_string=" and ".join(query), order_by=["attributes.start_time DESC"],
                                   output_format="list"):
         # A resumed run keeps the params of its first start, which may not describe what it became.
@@ -167,27 +171,53 @@ def run_stage(stage: Stage, cfg: Any, tracking_uri: str | None, experiment: str 
 
 
 def run_pipeline(settings: Settings, force: bool = False, tracking_uri: str | None = None,
-                 experiment: str | None = None) -> dict[str, str]:
-    """Run or reuse each stage in order; prints `STAGE ran|reused RUN_ID` per stage on stdout, progress on
-    stderr. Returns the run ID per section."""
+                 experiment: str | None = None, command: str | None = None, name: tuple[str, ...] = (),
+                 config_file: Path | None = None) -> dict[str, str]:
+    """Run or reuse each stage in order under one parent run; prints `STAGE ran|reused RUN_ID` per stage on
+    stdout, progress on stderr. Returns the run ID per section, and the parent's as ``pipeline``.
+    ``command``: the command line that reproduces the pipeline; ``name``: run-name parts after the data name;
+    ``config_file``: logged into the parent run."""
+    import mlflow
+
     configs = [stage_config(stage, settings.get(stage.section, {})) for stage in STAGES]  # fail before any work
     connect(tracking_uri, experiment)
     version = code_version()
     run_ids: dict[str, str] = {}
+    actions: dict[str, str] = {}
     upstream = None
     start = time.perf_counter()
-    for n, (stage, cfg) in enumerate(zip(STAGES, configs), 1):
-        if stage.upstream:
-            cfg = replace(cfg, **{stage.upstream: upstream})
-        elapsed = int(time.perf_counter() - start)
-        click.echo(f"[{n}/{len(STAGES)}] {stage.section} ({elapsed // 60}m{elapsed % 60:02d}s elapsed)", err=True)
-        run_id = None if force else find_finished(stage, cfg, upstream, version)
-        action = "reused"
-        if run_id is None:
-            run_id, action = run_stage(stage, cfg, tracking_uri, experiment), "ran"
-        click.echo(f"{stage.section:<9} {action:<6} {run_id}")
-        run_ids[stage.section] = upstream = run_id
+    with stage_run("pipeline", name=name, data=data_name(configs[0].manifest), echo=False) as parent:
+        mlflow.log_dict(settings, "pipeline_settings.json")  # after the config file, --set and --manifest
+        if config_file:
+            mlflow.log_artifact(str(config_file))
+        for n, (stage, cfg) in enumerate(zip(STAGES, configs), 1):
+            if stage.upstream:
+                cfg = replace(cfg, **{stage.upstream: upstream})
+            elapsed = int(time.perf_counter() - start)
+            click.echo(f"[{n}/{len(STAGES)}] {stage.section} ({elapsed // 60}m{elapsed % 60:02d}s elapsed)", err=True)
+            run_id = None if force else find_finished(stage, cfg, upstream, version)
+            action = "reused"
+            if run_id is None:
+                run_id, action = run_stage(stage, cfg, tracking_uri, experiment), "ran"
+            click.echo(f"{stage.section:<9} {action:<6} {run_id}")
+            run_ids[stage.section] = upstream = run_id
+            actions[stage.section] = action
+            mlflow.set_tag(f"run_id.{stage.section}", run_id)
+        mlflow.log_artifact(str(download(run_ids["generate"], "grid.png")))  # the samples, captioned
+        mlflow.set_tag(NOTE_TAG, pipeline_description(run_ids, actions, command))
+    run_ids["pipeline"] = parent.info.run_id
+    click.echo(f"pipeline  {parent.info.run_id}")
     return run_ids
+
+
+def pipeline_description(run_ids: dict[str, str], actions: dict[str, str], command: str | None) -> str:
+    """The parent run's description: a table linking each stage's run (nested below if it ran here)."""
+    rows = ["| stage | run | |", "| --- | --- | --- |"]
+    for section, run_id in run_ids.items():
+        note = "ran (nested below)" if actions[section] == "ran" else "reused: an identical finished run"
+        rows.append(f"| {section} | {run_link(get_run(run_id))} | {note} |")
+    data = get_run(run_ids["vqvae"]).data.tags.get("data")
+    return describe("pipeline", data, [], command, extra="\n".join(rows) + "\n\n`grid.png`: the generated samples.")
 
 
 @click.command("pipeline")
@@ -199,6 +229,7 @@ def run_pipeline(settings: Settings, force: bool = False, tracking_uri: str | No
 @click.option("--set", "set_options", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Override one option, e.g. --set train.max-steps=2000 (repeatable).")
 @click.option("--force", is_flag=True, help="Re-run every stage even where an identical finished run exists.")
+@run_name_option
 @with_tracking_options
 def pipeline_command(manifest: Path | None, config_file: Path | None, set_options: tuple[str, ...], force: bool,
                      tracking_uri: str | None, experiment: str) -> None:
@@ -207,5 +238,11 @@ def pipeline_command(manifest: Path | None, config_file: Path | None, set_option
                      {"vqvae": {"manifest": str(manifest)}} if manifest else {})
     if not settings.get("vqvae", {}).get("manifest"):
         raise UserError("--manifest is required (or `manifest` in the [vqvae] section of --config)")
-    run_ids = run_pipeline(settings, force, tracking_uri, experiment)
+    words = ["python", "cli.py", "pipeline", "--manifest", str(Path(settings["vqvae"]["manifest"]).resolve())]
+    words += ["--config", str(config_file.resolve())] if config_file else []
+    for item in set_options:
+        words += ["--set", item]
+    words += ["--force"] if force else []
+    run_ids = run_pipeline(settings, force, tracking_uri, experiment, " ".join(map(shlex.quote, words)),
+                           config_file=config_file)
     click.echo(run_ids["decode"])

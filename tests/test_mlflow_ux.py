@@ -1,0 +1,146 @@
+"""What a user sees in the MLflow UI, checked through the client on one small pipeline: names, nesting,
+descriptions that link upstream runs, readable images, prefixed metrics, meaningful params, models and models:/."""
+from __future__ import annotations
+
+import re
+
+import mlflow
+import pytest
+from PIL import Image
+
+from conftest import TINY_VQ, error_line, invoke, last_line, run_cli
+from test_pipeline import SECTIONS, TINY_TOML
+
+STAGE_TAGS = dict(zip(SECTIONS, ["vqvae", "quantize", "transformer", "generate", "decode"]))
+METRIC_PREFIXES = ("train/", "val/", "data/", "eval/", "quantize/", "generate/")
+RUN_ID_PARAMS = {"vqvae_run_id", "quantize_run_id", "transformer_run_id", "run_id"}
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tracking_dir, dataset, tmp_path_factory) -> dict[str, mlflow.entities.Run]:
+    config = tmp_path_factory.mktemp("ux") / "pipeline.toml"
+    config.write_text(TINY_TOML)
+    res = invoke("pipeline", "--manifest", dataset, "--config", config, "--experiment", "ux")
+    assert res.exit_code == 0, res.output
+    ids = {words[0]: words[-1] for words in map(str.split, res.stdout.splitlines()) if len(words) >= 2}
+    client = mlflow.MlflowClient()
+    return {section: client.get_run(ids[section]) for section in [*SECTIONS, "pipeline"]}
+
+
+def test_runs_are_named_from_stage_and_data_and_distinct(pipeline_runs):
+    names = {s: pipeline_runs[s].info.run_name for s in [*SECTIONS, "pipeline"]}
+    assert len(set(names.values())) == len(names), names
+    for section, name in names.items():
+        assert name.startswith(f"{section}-"), names
+    data = pipeline_runs["vqvae"].data.tags["data"]
+    assert all(f"-{data}" in name for name in names.values()), names
+    assert names["vqvae"] == f"vqvae-{data}-16px-K32"
+
+
+def test_pipeline_parent_holds_its_stages_as_nested_children(pipeline_runs):
+    parent = pipeline_runs["pipeline"]
+    assert parent.data.tags["stage"] == "pipeline" and parent.info.status == "FINISHED"
+    children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGE_TAGS.values())
+    for section in SECTIONS:
+        assert parent.data.tags[f"run_id.{section}"] == pipeline_runs[section].info.run_id
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"grid.png", "pipeline_settings.json", "pipeline.toml"} <= artifacts
+    note = parent.data.tags["mlflow.note.content"]
+    for section in SECTIONS:  # every stage linked, by ID
+        assert f"/runs/{pipeline_runs[section].info.run_id})" in note
+
+
+def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs):
+    for prev, section in zip(SECTIONS, SECTIONS[1:]):
+        run, up = pipeline_runs[section], pipeline_runs[prev]
+        assert run.data.tags["upstream_run_id"] == up.info.run_id  # the contract tag stays
+        note = run.data.tags["mlflow.note.content"]
+        assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id})" in note, note
+        assert re.search(rf"python cli.py {'train' if section == 'train' else section} ", note), note
+    assert "python cli.py train-vqvae --manifest" in pipeline_runs["vqvae"].data.tags["mlflow.note.content"]
+
+
+def test_generate_run_holds_a_readable_sample_grid(pipeline_runs, tmp_path):
+    run_id = pipeline_runs["generate"].info.run_id
+    with Image.open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="grid.png",
+                                                        dst_path=str(tmp_path))) as img:
+        assert img.width >= 512 and img.height >= 64
+
+
+def test_metric_keys_carry_a_stage_prefix_and_inactive_terms_are_not_logged(pipeline_runs):
+    for section in SECTIONS:
+        keys = pipeline_runs[section].data.metrics
+        assert keys and all(k.startswith(METRIC_PREFIXES) for k in keys), (section, sorted(keys))
+    vq = pipeline_runs["vqvae"].data.metrics  # no LPIPS, GAN never on within 2 steps
+    assert "train/rec_loss" in vq and "train/q_loss" in vq
+    assert not {"train/p_loss", "train/nll_loss", "train/g_loss", "train/d_weight", "train/d_loss"} & set(vq)
+
+
+def test_params_apply_to_the_chosen_options(pipeline_runs):
+    vq = pipeline_runs["vqvae"].data.params
+    assert "codebook_size" in vq and "fsq_levels" not in vq and "ema_decay" not in vq  # quantizer vq, no EMA
+    for section in SECTIONS:
+        params = pipeline_runs[section].data.params
+        assert "" not in params.values() and not RUN_ID_PARAMS & set(params), (section, params)
+
+
+def test_training_runs_log_models_from_code_without_pickles(pipeline_runs, tmp_path):
+    import pandas as pd
+
+    from core.mlflow_models import image_from_base64
+
+    for section, name in (("vqvae", "tokenizer"), ("train", "generator")):
+        run_id = pipeline_runs[section].info.run_id
+        models = mlflow.search_logged_models(experiment_ids=[pipeline_runs[section].info.experiment_id],
+                                             filter_string=f"source_run_id = '{run_id}'", output_format="list")
+        assert [m.name for m in models] == [name]
+        local = mlflow.artifacts.download_artifacts(models[0].model_uri, dst_path=str(tmp_path / name))
+        files = {p.name for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+        assert "weights.safetensors" in files and "config.json" in files
+        assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".cloudpickle"))], files
+    generator = mlflow.pyfunc.load_model(models[0].model_uri)
+    out = generator.predict(pd.DataFrame([{"label": "blue", "num_samples": 2, "seed": 3}]))
+    assert list(out.label) == ["blue", "blue"]
+    assert image_from_base64(out.image[0]).size == (16, 16)
+
+
+def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "2", "--register", "ux-tok",
+                 "--experiment", "ux-registry")
+    assert res.exit_code == 0, res.output
+    vq = last_line(res.stdout)
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'ux-tok'")
+    assert [v.run_id for v in versions] == [vq]
+    client.set_registered_model_alias("ux-tok", "prod", versions[0].version)
+    for ref in ("models:/ux-tok@prod", f"models:/ux-tok/{versions[0].version}"):
+        res = invoke("quantize", "--vqvae-run-id", ref, "--num-workers", "0", "--run-name", "q-by-alias",
+                     "--experiment", "ux-registry")
+        assert res.exit_code == 0, res.output
+        run = client.get_run(last_line(res.stdout))
+        assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == "q-by-alias"
+        assert f"/runs/{vq})" in run.data.tags["mlflow.note.content"]
+
+
+def test_unknown_model_reference_is_a_one_line_error(tracking_dir):
+    proc = run_cli("quantize", "--vqvae-run-id", "models:/no-such-model@prod")
+    assert proc.returncode == 1
+    assert "no registered model version models:/no-such-model@prod" in error_line(proc.stderr)
+
+
+def test_grids_are_upscaled_sharp_and_labelled():
+    import torch
+
+    from core.images import comparison_grid, grid_image
+
+    images = torch.linspace(-1, 1, 4 * 3 * 8 * 8).view(4, 3, 8, 8)
+    plain = grid_image(images, nrow=2)
+    assert plain.width >= 512 and plain.size == (2 * (8 * 32 + 2) + 2,) * 2  # 8 px tiles x32: grid >= 512 wide
+    tile = torch.tensor(plain.getchannel(0).getdata()).view(plain.height, plain.width)[2:2 + 256, 2:2 + 256]
+    assert len(tile.unique()) == len((images[0, 0] + 1).mul(127.5).round().unique())  # nearest: no new values
+    captioned = grid_image(images, nrow=4, captions=["a", "b", "c", "d"])
+    assert captioned.height > grid_image(images, nrow=4).height  # room for the captions
+    pairs = comparison_grid(images, images.flip(0))
+    assert pairs.width > grid_image(torch.cat([images, images]), nrow=4).width  # row names on the left

@@ -1,0 +1,96 @@
+"""The generator answers `mlflow models serve -m models:/NAME@ALIAS --env-manager local` with PNG images."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+
+from conftest import TINY_GPT, invoke, last_line
+from core.mlflow_models import image_from_base64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/ping", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"the server did not answer /ping within {timeout} s")
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_registered_generator_serves_png_images(tracking_dir, vqvae_run, tmp_path):
+    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--quantize-run-id", last_line(res.stdout), *TINY_GPT, "--register", "serve-gen")
+    assert res.exit_code == 0, res.output
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'serve-gen'")
+    client.set_registered_model_alias("serve-gen", "champion", version.version)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    venv_bin = Path(sys.executable).parent  # `mlflow models serve` runs the venv's uvicorn through PATH
+    env = {**os.environ, "PYTHONPATH": "", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # from another directory, without this checkout on the path: the model must carry its own code
+    proc = subprocess.Popen([str(venv_bin / "mlflow"), "models", "serve", "-m", "models:/serve-gen@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until_up(url, proc)
+        status, body = post(url, {"dataframe_records": [{"label": "red", "num_samples": 2, "seed": 5,
+                                                          "temperature": 0.9, "top_k": 8}]})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert [r["label"] for r in rows] == ["red", "red"]
+        for row in rows:
+            assert image_from_base64(row["image"]).size == (16, 16)
+        again = post(url, {"dataframe_records": [{"label": "red", "num_samples": 2, "seed": 5, "temperature": 0.9,
+                                                  "top_k": 8}]})[1]["predictions"]
+        assert again == rows  # same seed, same images
+        status, body = post(url, {"dataframe_records": [{"label": "purple"}]})
+        assert status == 400 and "unknown label 'purple'" in body.get("message", ""), body
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End the server and the workers it started (its own process group)."""
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc.stdout.close()
