@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ import click
 import torch
 
 from core.errors import UserError
-from core.options import config_params, flat_values
+from core.options import flat_values
 from core.runtime import Runtime, broadcast_from_main
-from core.tracking import connect, stage_run, with_tracking_options
+from core.tracking import NOTE_TAG, connect, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig, VQModelConfig
 from vqvae.convert import (FORMATS, OfficialWeights, check_same, default_image_size, fresh_statistics,
@@ -54,8 +55,11 @@ def import_vqvae(path: str | Path, fmt: str = "auto", config: str | None = None,
     connect(tracking_uri, experiment)
     weights, cfg = import_config(path, fmt, config, image_size)  # bad files fail before a run exists
     state = to_ours(weights, cfg)
-    with stage_run("vqvae", config_params(cfg)) as run:
-        mlflow.set_tag("imported_from", f"{weights.format}:{path.name}")
+    with stage_run("vqvae", cfg, data=path.stem, name=("imported", f"{cfg.image_size}px", f"K{cfg.codebook_size}")
+                   ) as run:
+        mlflow.set_tags({"imported_from": f"{weights.format}:{path.name}", NOTE_TAG: (
+            f"**Imported {weights.format} tokenizer** `{path.name}` · stage `vqvae`\n\n"
+            f"Made by: `python cli.py import-vqvae --checkpoint {shlex.quote(str(path.resolve()))}`")})
         if name:
             mlflow.set_tag("mlflow.runName", name)
         log_model_weights(state, KIND, dataclasses.asdict(cfg), 0)
