@@ -53,15 +53,18 @@ def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:
 
 
 class StepInterrupt:
-    """Ctrl-C ends training at the end of the step in progress, so the checkpoint then saved matches the weights
-    and the logged metrics; a second Ctrl-C stops at once and keeps the last checkpoint. In the main thread only
-    (Python's rule for signal handlers); elsewhere Ctrl-C interrupts as usual."""
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM (Slurm, Kubernetes and torchrun stop jobs with it) ends training
+    at the end of the step in progress, so the checkpoint then saved matches the weights and the logged metrics;
+    a second signal stops at once and keeps the last checkpoint. In the main thread only (Python's rule for
+    signal handlers); elsewhere the signals act as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
         self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
         in_main = threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signal.SIGINT, self._handle) if in_main else None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS} if in_main else {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -69,48 +72,57 @@ class StepInterrupt:
         self.requested = True
 
     def check(self, rt: Runtime) -> None:
-        """Call between steps: stops every rank at the same step once any of them got Ctrl-C."""
+        """Call between steps: stops every rank at the same step once any of them got a signal."""
         if not rt.all_ranks(not self.requested):
             self.at_boundary = True
             raise KeyboardInterrupt
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class TrainLoop:
     """Counts steps and does what happens between them, identically for every training stage.
 
     ``snapshot()`` returns the full training state (it reads ``loop.step``); the loop saves it every
-    ``cfg.ckpt_every`` steps, at the end, and after a Ctrl-C that arrives between steps.
+    ``cfg.ckpt_every`` steps, at the end, and after a Ctrl-C/SIGTERM that arrives between steps. Uploads run
+    in the background (`CheckpointWriter`): only the local write holds up training.
     """
 
     def __init__(self, cfg: Any, rt: Runtime, run: Any, snapshot: Callable[[], dict], step: int,
                  previous_slot: str | None, desc: str) -> None:
         self.cfg, self.rt, self.run, self.snapshot, self.desc = cfg, rt, run, snapshot, desc
         self.step = self.last_saved = step
-        self.writer = CheckpointWriter(previous_slot=previous_slot) if rt.is_main else None
+        self.writer = (CheckpointWriter(run.info.run_id, previous_slot=previous_slot, keep=cfg.ckpt_keep)
+                       if rt.is_main else None)
         self.bar: tqdm | None = None
         self.interrupt: StepInterrupt | None = None
         self._items, self._t0 = 0, time.perf_counter()
 
     def begin_step(self) -> None:
-        """Between steps: a Ctrl-C during the previous step stops training here, on every rank."""
+        """Between steps: a signal during the previous step stops training here, on every rank; then every RNG
+        is seeded for this step and rank (`Runtime.seed_step`)."""
         self.interrupt.check(self.rt)
+        self.rt.seed_step(self.cfg.seed, self.step)
 
     def due(self, every: int) -> bool:
         """Whether something scheduled every ``every`` steps (0: only at the end) happens after this step."""
         return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
 
-    def agree_finite(self, finite: bool, *optimizers: torch.optim.Optimizer) -> bool:
-        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients)."""
+    def agree_finite(self, finite: bool | torch.Tensor, *optimizers: torch.optim.Optimizer) -> bool:
+        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients).
+
+        ``finite`` may stay on the device until here: reading it is the step's one host synchronisation.
+        """
         if self.rt.all_ranks(finite):
             return True
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         if self.cfg.nan_policy == "stop":
             run_id = self.run.info.run_id if self.run else "<run id>"
+            if self.writer is not None:
+                self.writer.wait()  # the upload in flight decides which checkpoint is the last good one
             kept = (f"the last good checkpoint (step {self.last_saved}) is kept: resume with --resume {run_id} "
                     "and a lower --lr" if self.writer is None or self.writer.last_slot else
                     "no checkpoint was written yet: start again with a lower --lr")
@@ -134,23 +146,27 @@ class TrainLoop:
         return rate
 
     def checkpoint_if_due(self) -> None:
+        """Rank 0 writes the checkpoint locally and uploads it in the background; the other ranks go on (the
+        next collective call lines them up again)."""
         if self.due(self.cfg.ckpt_every):
             if self.rt.is_main:
                 self.writer.save(self.snapshot())
             self.last_saved = self.step
-            self.rt.barrier()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Progress bar and Ctrl-C handling for the training loop; OOM becomes advice."""
+        """Progress bar and signal handling for the training loop; OOM becomes advice. Training ends when the
+        last checkpoint is in the run (a failed final upload is an error)."""
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.desc, disable=not self.rt.is_main,
                         dynamic_ncols=True)
         self.interrupt = StepInterrupt()
         try:
             yield
+            if self.writer is not None:
+                self.writer.wait(final=True)
         except KeyboardInterrupt:
             if self.rt.is_main and self.step > self.last_saved and self.interrupt.at_boundary:
-                self.writer.save(self.snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
+                self.writer.save(self.snapshot())  # a stop keeps the progress made since the last checkpoint
             raise
         except (RuntimeError, MemoryError) as exc:
             raise_if_out_of_memory(exc, self.cfg.batch_size)
@@ -159,4 +175,5 @@ class TrainLoop:
             self.interrupt.close()
             self.bar.close()
             if self.writer is not None:
+                self.writer.wait()
                 self.writer.close()
