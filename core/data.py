@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -118,11 +119,10 @@ class ImageDataset(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = TF.resize(load_rgb(self.paths[i]), self.size, antialias=True)
         if self.train:
-            g = torch.Generator().manual_seed(seed if seed is not None else i)
-            top = int(torch.randint(img.height - self.size + 1, (1,), generator=g))
-            left = int(torch.randint(img.width - self.size + 1, (1,), generator=g))
+            rng = random.Random(seed if seed is not None else i)
+            top, left = rng.randint(0, img.height - self.size), rng.randint(0, img.width - self.size)
             img = TF.crop(img, top, left, self.size, self.size)
-            if self.flip and torch.rand((), generator=g) < 0.5:
+            if self.flip and rng.random() < 0.5:
                 img = TF.hflip(img)
         else:
             img = TF.center_crop(img, self.size)

@@ -106,6 +106,9 @@ class _UsageTracker(nn.Module):
         """Whether the training forward in progress is the first of its step."""
         return self._forwards % self.forwards_per_step == 0
 
+    # Bookkeeping with Python counters (and collectives) stays out of torch.compile graphs: a guard on the
+    # forward counter would recompile the model at every step.
+    @torch.compiler.disable
     @torch.no_grad()
     def _mark_used(self, global_counts: torch.Tensor) -> None:
         if self._starts_step():
@@ -207,6 +210,7 @@ class VectorQuantizer(_UsageTracker):
         self.ema_sum.copy_(torch.where(keep, self.ema_sum, new))
         self.last_reset.copy_(torch.where(rows, self.step, self.last_reset))
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         """Replace codes idle for `restart_after` steps by random encoder outputs of this batch, once per step.

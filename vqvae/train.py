@@ -81,6 +81,19 @@ def samples_before(step: int, cfg: VQConfig) -> int:
     return drawn
 
 
+def step_discriminator(disc: torch.nn.Module, opt_d: torch.optim.Optimizer, scaler_d: torch.amp.GradScaler,
+                       rt: Runtime) -> None:
+    """Optimizer step of the discriminator (not DDP-wrapped: it also runs, frozen, in the generator pass).
+
+    Its gradients are averaged over ranks before the scaler looks for inf/NaN: a rank whose own gradients are
+    finite must still skip a step that another rank's overflow poisons, or the replicas diverge.
+    """
+    average_gradients(disc, rt)
+    scaler_d.step(opt_d)
+    scaler_d.update()
+    opt_d.zero_grad(set_to_none=True)
+
+
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None) -> str:
     import mlflow
 
@@ -119,7 +132,12 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         def wrapped(quantizing: bool) -> torch.nn.Module:
             # the warm-up skips the quantizer: only then must DDP look for parameters without gradients
             net = rt.wrap(model, find_unused_parameters=not quantizing)
-            return torch.compile(net) if cfg.compile else net
+            if not cfg.compile:
+                return net
+            # the adaptive weight differentiates the decoder twice (retain_graph), which AOT autograd's
+            # donated buffers forbid
+            torch._functorch.config.donated_buffer = False
+            return torch.compile(net)
 
         net = wrapped(step >= cfg.warmup_steps)
         workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
@@ -185,11 +203,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     scaler.update()
                     opt_ae.zero_grad(set_to_none=True)
                     if disc_on:
-                        # averaged before the scaler's inf check, so an inf on any rank makes every rank skip
-                        average_gradients(loss_fn.discriminator, rt)
-                        scaler_d.step(opt_d)
-                        scaler_d.update()
-                        opt_d.zero_grad(set_to_none=True)
+                        step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt)
                     ema.update()
                 loop.end_step(seen)
                 if rt.is_main and finite and loop.due(cfg.log_every):
