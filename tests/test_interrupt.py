@@ -89,12 +89,15 @@ def test_kill_9_keeps_the_last_checkpoint_and_resume_continues_the_step_axis(tra
     assert load_checkpoint(run_id)[0]["step"] == done + 2
 
 
-def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tracking_dir, dataset, start, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tracking_dir, dataset, start, tmp_path, sig):
+    """SIGTERM (how Slurm and Kubernetes stop a job) does what Ctrl-C does, well within their grace period."""
+    experiment = f"signal-{sig.name}"
     proc = start("train-vqvae", "--manifest", dataset, *TINY_VQ, *ENDLESS, "--ckpt-every", "100000",
-                 "--experiment", "ctrl-c")
-    run_id = wait_for_run("ctrl-c", proc, has_metrics)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+                 "--experiment", experiment)
+    run_id = wait_for_run(experiment, proc, has_metrics)
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert error_line((tmp_path / "stderr.txt").read_text()) == (
         f"Error: interrupted; run {run_id} marked KILLED (resume with --resume {run_id})")
