@@ -84,10 +84,11 @@ def steps(run_id: str, key: str) -> list[int]:
 def test_train_vqvae_with_ddp(tracking_dir, dataset, tmp_path):
     launcher = tmp_path / "launch.py"
     launcher.write_text(RECORDING_LAUNCHER)
-    # EMA updates, dead-code restarts, the discriminator (averaged by hand) and a skipped step must stay in sync
+    # EMA updates, dead-code restarts, the discriminator (averaged by hand), a skipped step, the codebook
+    # initialisation and DDP re-wrapped after the warm-up (no unused-parameter search from then on) stay in sync
     run_id = torchrun(launcher, "train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4", "--ema",
                       "--restart-after", "1", "--grad-accum", "2", "--nan-policy", "skip", "--experiment", "ddp-vqvae",
-                      cwd=tmp_path)
+                      "--warmup-steps", "1", "--codebook-init", "random", "--ema-weights", "0.5", cwd=tmp_path)
     run = only_run("ddp-vqvae")
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert steps(run_id, "train/skipped_nonfinite") == [1]  # rank 1's NaN, reported by rank 0
