@@ -71,12 +71,6 @@ class StepInterrupt:
             raise KeyboardInterrupt
         self.requested = True
 
-    def check(self, rt: Runtime) -> None:
-        """Call between steps: stops every rank at the same step once any of them got a signal."""
-        if not rt.all_ranks(not self.requested):
-            self.at_boundary = True
-            raise KeyboardInterrupt
-
     def close(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
@@ -99,11 +93,14 @@ class TrainLoop:
         self.bar: tqdm | None = None
         self.interrupt: StepInterrupt | None = None
         self._items, self._t0 = 0, time.perf_counter()
+        self._stop = False  # every rank agreed (in `agree_finite`) that some rank got a signal
 
     def begin_step(self) -> None:
-        """Between steps: a signal during the previous step stops training here, on every rank; then every RNG
-        is seeded for this step and rank (`Runtime.seed_step`)."""
-        self.interrupt.check(self.rt)
+        """Between steps: a signal during the previous step stops training here, on every rank at the same step;
+        then every RNG is seeded for this step and rank (`Runtime.seed_step`)."""
+        if self._stop:
+            self.interrupt.at_boundary = True
+            raise KeyboardInterrupt
         self.rt.seed_step(self.cfg.seed, self.step)
 
     def due(self, every: int) -> bool:
@@ -113,9 +110,12 @@ class TrainLoop:
     def agree_finite(self, finite: bool | torch.Tensor, *optimizers: torch.optim.Optimizer) -> bool:
         """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients).
 
-        ``finite`` may stay on the device until here: reading it is the step's one host synchronisation.
+        ``finite`` may stay on the device until here: reading it, together with whether any rank got a stop
+        signal, is the step's one host synchronisation.
         """
-        if self.rt.all_ranks(finite):
+        finite, go_on = self.rt.all_ranks(finite, not self.interrupt.requested)
+        self._stop = not go_on
+        if finite:
             return True
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)

@@ -59,16 +59,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def all_ranks(self, flag: bool | torch.Tensor) -> bool:
-        """True only if ``flag`` holds on every rank, so that all ranks take the same branch (e.g. skip a step).
-
-        ``flag`` may be a device tensor: then this is the step's one host synchronisation (after the all-reduce).
-        """
-        if not self.distributed:
-            return bool(flag)
-        t = torch.as_tensor(flag, device=self.device).to(torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+    def all_ranks(self, *flags: bool | torch.Tensor) -> list[bool]:
+        """For each flag, whether it holds on every rank, so that all ranks take the same branch (skip a step,
+        stop). Flags may be device tensors: one all-reduce and one host read for all of them, the step's one
+        host synchronisation."""
+        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).to(torch.int32) for f in flags])
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in t.tolist()]
 
     def seed_step(self, seed: int, step: int) -> None:
         """Seed every RNG from (seed, step, rank) at the start of a step.
