@@ -62,7 +62,7 @@ class StepInterrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
+        self.at_boundary = False  # the KeyboardInterrupt came from `TrainLoop.begin_step`, between two steps
         in_main = threading.current_thread() is threading.main_thread()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS} if in_main else {}
 
@@ -123,7 +123,9 @@ class TrainLoop:
             run_id = self.run.info.run_id if self.run else "<run id>"
             if self.writer is not None:
                 self.writer.wait()  # the upload in flight decides which checkpoint is the last good one
-            kept = (f"the last good checkpoint (step {self.last_saved}) is kept: resume with --resume {run_id} "
+            good = self.writer.last_step if self.writer is not None and self.writer.last_step is not None \
+                else self.last_saved
+            kept = (f"the last good checkpoint (step {good}) is kept: resume with --resume {run_id} "
                     "and a lower --lr" if self.writer is None or self.writer.last_slot else
                     "no checkpoint was written yet: start again with a lower --lr")
             raise UserError(f"loss became NaN/inf at step {self.step}; stopped. {kept}, or use --nan-policy skip")

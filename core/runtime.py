@@ -55,10 +55,6 @@ class Runtime:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def all_ranks(self, *flags: bool | torch.Tensor) -> list[bool]:
         """For each flag, whether it holds on every rank, so that all ranks take the same branch (skip a step,
         stop). Flags may be device tensors: one all-reduce and one host read for all of them, the step's one
