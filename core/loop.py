@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
@@ -74,6 +75,14 @@ class StepInterrupt:
     def close(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Slurm's SIGTERM (or Ctrl-C) reaches every process of the job, workers
+    included; a worker killed by it would end training with "worker exited unexpectedly" before the step could
+    finish and checkpoint. `TrainLoop.running` ends the workers itself when training stops."""
+    for sig in StepInterrupt.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TrainLoop:
@@ -156,9 +165,10 @@ class TrainLoop:
             self.last_saved = self.step
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
+    def running(self, *loaders: DataLoader) -> Iterator[None]:
         """Progress bar and signal handling for the training loop; OOM becomes advice. Training ends when the
-        last checkpoint is in the run (a failed final upload is an error)."""
+        last checkpoint is in the run (a failed final upload is an error) and the ``loaders``' persistent
+        workers, which ignore stop signals, have been ended."""
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.desc, disable=not self.rt.is_main,
                         dynamic_ncols=True)
         self.interrupt = StepInterrupt()
@@ -179,3 +189,7 @@ class TrainLoop:
             if self.writer is not None:
                 self.writer.wait()
                 self.writer.close()
+            for loader in loaders:  # no public API; without it exit would wait for workers that ignore SIGTERM
+                workers = getattr(loader, "_iterator", None)
+                if workers is not None and hasattr(workers, "_shutdown_workers"):
+                    workers._shutdown_workers()

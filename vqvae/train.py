@@ -15,7 +15,7 @@ from core.data import ImageDataset, SeededSampler, default_num_workers, read_man
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.images import grid_image
-from core.loop import TrainLoop, training_session
+from core.loop import TrainLoop, ignore_stop_signals, training_session
 from core.options import build_config, config_options, config_params, explicit_options
 from core.runtime import Runtime, average_gradients, broadcast_from_main
 from core.tracking import log_manifest, stage_run, with_tracking_options
@@ -145,10 +145,11 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         sampler = SeededSampler(len(train_df), rt.rank, rt.world_size, cfg.seed, start=samples_before(step, cfg))
         loader = DataLoader(ImageDataset(train_df.image_path.tolist(), cfg.image_size, True, cfg.flip),
                             batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                            pin_memory=pin, persistent_workers=workers > 0, drop_last=False)
+                            pin_memory=pin, persistent_workers=workers > 0, drop_last=False,
+                            worker_init_fn=ignore_stop_signals)
         val_loader = DataLoader(ImageDataset(val_df.image_path.tolist(), cfg.image_size, False),
                                 batch_size=cfg.batch_size, num_workers=workers, pin_memory=pin,
-                                persistent_workers=workers > 0)
+                                persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         one = torch.ones((), device=rt.device)
 
@@ -159,7 +160,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     "ema": ema.state_dict()}
 
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train-vqvae")
-        with loop.running():
+        with loop.running(loader, val_loader):
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step
