@@ -122,7 +122,7 @@ class TrainLoop:
         ``finite`` may stay on the device until here: reading it, together with whether any rank got a stop
         signal, is the step's one host synchronisation.
         """
-        finite, go_on = self.rt.all_ranks(finite, not self.interrupt.requested)
+        finite, go_on = self.rt.all_ranks_each(finite, not self.interrupt.requested)
         self._stop = not go_on
         if finite:
             return True
