@@ -1,7 +1,8 @@
 """Checkpoints as run artifacts: written atomically, logged only when complete, loaded without pickled code.
 
-Two slots (``checkpoints/ckpt_a.pt``, ``ckpt_b.pt``) alternate; ``checkpoints/latest.json`` names the newest
-complete one and is written last. A process killed at any moment leaves the previous slot and pointer intact.
+Slots (``checkpoints/ckpt_a.pt``, ``ckpt_b.pt``, ... ``--ckpt-keep`` of them) rotate; ``checkpoints/latest.json``
+names the newest complete one and is uploaded last. A process killed at any moment leaves the previous slot and
+pointer intact.
 """
 from __future__ import annotations
 
@@ -10,19 +11,23 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from core.errors import UserError
 from core.options import build_config, config_from_dict, flat_values
-from core.tracking import download
+from core.tracking import STORAGE_ERRNOS, download
 
 # Options that may differ when resuming; everything else must match the checkpoint's config.
 RESUMABLE_OVERRIDES = {"max_steps", "device", "precision", "num_workers", "log_every", "val_every", "ckpt_every",
-                       "sample_every", "val_batches", "nan_policy", "skip_bad_images"}
+                       "sample_every", "val_batches", "nan_policy", "skip_bad_images", "ckpt_keep", "compile"}
 
 
 def resolve_resume_config(state: dict, overrides: dict[str, Any], cls: type, run_id: str) -> Any:
@@ -43,34 +48,107 @@ def resolve_resume_config(state: dict, overrides: dict[str, Any], cls: type, run
 
 ARTIFACT_DIR = "checkpoints"
 POINTER = "latest.json"
-SLOTS = ("ckpt_a.pt", "ckpt_b.pt")
+MAX_SLOTS = 26
+
+
+def slot_names(keep: int) -> list[str]:
+    """``ckpt_a.pt``, ``ckpt_b.pt``, ...: the ``keep`` artifact files that checkpoints rotate through."""
+    return [f"ckpt_{chr(ord('a') + i)}.pt" for i in range(keep)]
+
+
+SLOTS = tuple(slot_names(MAX_SLOTS))
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A full disk or a refused write will not heal within seconds; network and server errors may."""
+    return not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS)
 
 
 class CheckpointWriter:
-    """Saves training state into the active MLflow run, alternating between two slots."""
+    """Saves training state into a run: written to a local file at once, uploaded by a background thread.
 
-    def __init__(self, previous_slot: str | None = None) -> None:
+    The training step never waits for an upload; the next checkpoint waits for the previous upload. Uploads
+    are retried with exponential backoff; if one still fails, training goes on, ``latest.json`` keeps naming
+    the last complete checkpoint, and a warning says so (at the end of training a failed upload is an error).
+    Checkpoints rotate through ``keep`` slots and never overwrite the newest complete one, so ``keep`` - 1
+    complete checkpoints stay in the run while the next one uploads.
+    """
+
+    def __init__(self, run_id: str, previous_slot: str | None = None, keep: int = 2, retries: int = 5,
+                 backoff_s: float = 2.0) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ckpt-"))
-        self.last_slot = previous_slot
+        self.run_id, self.slots, self.retries, self.backoff_s = run_id, slot_names(keep), retries, backoff_s
+        self.last_slot = previous_slot  # newest complete checkpoint in the run
+        self.last_step: int | None = None
+        self._attempted = previous_slot
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+        self._pending: tuple[Future, str, int] | None = None
+
+    def _next_slot(self) -> str:
+        start = self.slots.index(self._attempted) + 1 if self._attempted in self.slots else 0
+        for i in range(len(self.slots)):
+            slot = self.slots[(start + i) % len(self.slots)]
+            if slot != self.last_slot:
+                return slot
+        raise AssertionError("unreachable: keep >= 2")
 
     def save(self, state: dict[str, Any]) -> str:
-        import mlflow
-
-        slot = SLOTS[1] if self.last_slot == SLOTS[0] else SLOTS[0]
+        """Write ``state`` locally and start its upload; returns the slot it goes to."""
+        self.wait()
+        slot = self._attempted = self._next_slot()
         path = self.dir / slot
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)  # the local file is whole or absent
-        mlflow.log_artifact(str(path), ARTIFACT_DIR)
-        pointer = self.dir / POINTER
-        pointer.write_text(json.dumps({"file": slot, "step": int(state.get("step", 0))}))
-        mlflow.log_artifact(str(pointer), ARTIFACT_DIR)  # only after the slot is complete
-        self.last_slot = slot
+        step = int(state.get("step", 0))
+        self._pending = (self._pool.submit(self._upload, path, step), slot, step)
         return slot
 
+    def _upload(self, path: Path, step: int) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        pointer = self.dir / "pointer" / POINTER
+        pointer.parent.mkdir(exist_ok=True)
+        pointer.write_text(json.dumps({"file": path.name, "step": step}))
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    client.log_artifact(self.run_id, str(path), ARTIFACT_DIR)
+                    client.log_artifact(self.run_id, str(pointer), ARTIFACT_DIR)  # only after the slot is complete
+                    return
+                except Exception as exc:  # noqa: BLE001 - whatever the store raised: retry, or hand it over
+                    if attempt == self.retries or not _retryable(exc):
+                        raise
+                    time.sleep(self.backoff_s * 2**attempt)
+        finally:
+            path.unlink(missing_ok=True)  # the run holds it now (or it is lost): no local copies pile up
+
+    def wait(self, final: bool = False) -> None:
+        """Wait for the upload in progress. A failed upload is a warning, or raised when ``final``."""
+        if self._pending is None:
+            return
+        (future, slot, step), self._pending = self._pending, None
+        exc = future.exception()
+        if exc is None:
+            self.last_slot, self.last_step = slot, step
+            return
+        if final:
+            raise exc
+        kept = f"step {self.last_step}" if self.last_step is not None else (
+            f"the one named by {ARTIFACT_DIR}/{POINTER}" if self.last_slot else "none yet")
+        tqdm.write(f"warning: the checkpoint of step {step} could not be uploaded after {self.retries + 1} tries "
+                   f"({_first_line(exc)}); training goes on, the last complete checkpoint is {kept}", file=sys.stderr)
+
     def close(self) -> None:
-        """Remove the local copies: the run's artifacts hold the checkpoints."""
+        """Stop the upload thread (after its current upload) and remove the local copies."""
+        self._pool.shutdown(wait=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 class UnsafeCheckpointError(UserError):
@@ -101,7 +179,8 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
         named = None
     if named not in SLOTS:  # then the newest slot that loads wins
         named = None
-    order = [named] + [s for s in SLOTS if s != named] if named else list(SLOTS)
+    present = _present_slots(run_id)
+    order = [named] + [s for s in present if s != named] if named else present
     first_error: UserError | None = None
     loaded = []
     for slot in order:
@@ -117,7 +196,20 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
         loaded.append((state, slot))
     if loaded:
         return max(loaded, key=lambda pair: pair[0].get("step", 0))
+    if first_error is None:
+        raise UserError(f"run {run_id} has no checkpoint ({ARTIFACT_DIR}/ is empty); was it ever saved?")
     raise first_error
+
+
+def _present_slots(run_id: str) -> list[str]:
+    """The checkpoint slots a run holds (listing fails on some stores: then every name is tried)."""
+    import mlflow
+
+    try:
+        names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)}
+    except Exception:  # noqa: BLE001 - a listing is only a shortcut
+        return list(SLOTS)
+    return [s for s in SLOTS if s in names]
 
 
 def load_weights(module: torch.nn.Module, state_dict: dict[str, Any], what: str) -> None:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
+import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms
 
@@ -83,23 +87,46 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     return out, skipped
 
 
+def default_num_workers() -> int:
+    """DataLoader workers when ``--num-workers`` is not given: this process's share of the CPU cores it may use
+    (torchrun's ``LOCAL_WORLD_SIZE`` processes share the machine), less one for the training loop, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+def sample_seed(seed: int, rank: int, position: int) -> int:
+    """The augmentation seed of the ``position``-th sample this rank draws: different on every rank, and the same
+    in a resumed run and in whichever DataLoader worker decodes it."""
+    return int(np.random.SeedSequence([seed, rank, position]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class ImageDataset(Dataset):
-    """Images resized on the shorter side and cropped to ``size``: random crop/flip for training, centre for eval."""
+    """Images resized on the shorter side and cropped to ``size``: random crop/flip for training, centre for eval.
+
+    Training items are requested as ``(index, seed)`` (see `SeededSampler`): the crop and flip are drawn from
+    that seed alone, never from a worker's RNG, so the data a step sees does not depend on the worker count
+    or on where a run was resumed.
+    """
 
     def __init__(self, paths: list[str], size: int, train: bool, flip: bool = True) -> None:
-        self.paths = list(paths)
-        crop = transforms.RandomCrop(size) if train else transforms.CenterCrop(size)
-        steps = [transforms.Resize(size, antialias=True), crop]
-        if train and flip:
-            steps.append(transforms.RandomHorizontalFlip())
-        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
-        self.transform = transforms.Compose(steps)
+        self.paths, self.size, self.train, self.flip = list(paths), size, train, flip
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[i])), i
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        img = TF.resize(load_rgb(self.paths[i]), self.size, antialias=True)
+        if self.train:
+            rng = random.Random(seed if seed is not None else i)
+            top, left = rng.randint(0, img.height - self.size), rng.randint(0, img.width - self.size)
+            img = TF.crop(img, top, left, self.size, self.size)
+            if self.flip and rng.random() < 0.5:
+                img = TF.hflip(img)
+        else:
+            img = TF.center_crop(img, self.size)
+        return self.to_tensor(img), i
 
 
 class ResumableSampler(DistributedSampler):
@@ -121,3 +148,11 @@ class ResumableSampler(DistributedSampler):
             indices = list(super().__iter__())
             yield from indices[offset:]
             epoch, offset = epoch + 1, 0
+
+
+class SeededSampler(ResumableSampler):
+    """`ResumableSampler` yielding ``(index, augmentation seed)`` for `ImageDataset`."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, i in enumerate(super().__iter__(), self.start):
+            yield i, sample_seed(self.seed, self.rank, position)

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
@@ -53,65 +54,87 @@ def raise_if_out_of_memory(exc: BaseException, batch_size: int) -> None:
 
 
 class StepInterrupt:
-    """Ctrl-C ends training at the end of the step in progress, so the checkpoint then saved matches the weights
-    and the logged metrics; a second Ctrl-C stops at once and keeps the last checkpoint. In the main thread only
-    (Python's rule for signal handlers); elsewhere Ctrl-C interrupts as usual."""
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM (Slurm, Kubernetes and torchrun stop jobs with it) ends training
+    at the end of the step in progress, so the checkpoint then saved matches the weights and the logged metrics;
+    a second signal stops at once and keeps the last checkpoint. In the main thread only (Python's rule for
+    signal handlers); elsewhere the signals act as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self.at_boundary = False  # the KeyboardInterrupt came from `check`, between two steps
+        self.at_boundary = False  # the KeyboardInterrupt came from `TrainLoop.begin_step`, between two steps
         in_main = threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signal.SIGINT, self._handle) if in_main else None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS} if in_main else {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
-    def check(self, rt: Runtime) -> None:
-        """Call between steps: stops every rank at the same step once any of them got Ctrl-C."""
-        if not rt.all_ranks(not self.requested):
-            self.at_boundary = True
-            raise KeyboardInterrupt
-
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Slurm's SIGTERM (or Ctrl-C) reaches every process of the job, workers
+    included; a worker killed by it would end training with "worker exited unexpectedly" before the step could
+    finish and checkpoint. `TrainLoop.running` ends the workers itself when training stops."""
+    for sig in StepInterrupt.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TrainLoop:
     """Counts steps and does what happens between them, identically for every training stage.
 
     ``snapshot()`` returns the full training state (it reads ``loop.step``); the loop saves it every
-    ``cfg.ckpt_every`` steps, at the end, and after a Ctrl-C that arrives between steps.
+    ``cfg.ckpt_every`` steps, at the end, and after a Ctrl-C/SIGTERM that arrives between steps. Uploads run
+    in the background (`CheckpointWriter`): only the local write holds up training.
     """
 
     def __init__(self, cfg: Any, rt: Runtime, run: Any, snapshot: Callable[[], dict], step: int,
                  previous_slot: str | None, desc: str) -> None:
         self.cfg, self.rt, self.run, self.snapshot, self.desc = cfg, rt, run, snapshot, desc
         self.step = self.last_saved = step
-        self.writer = CheckpointWriter(previous_slot=previous_slot) if rt.is_main else None
+        self.writer = (CheckpointWriter(run.info.run_id, previous_slot=previous_slot, keep=cfg.ckpt_keep)
+                       if rt.is_main else None)
         self.bar: tqdm | None = None
         self.interrupt: StepInterrupt | None = None
         self._items, self._t0 = 0, time.perf_counter()
+        self._stop = False  # every rank agreed (in `agree_finite`) that some rank got a signal
 
     def begin_step(self) -> None:
-        """Between steps: a Ctrl-C during the previous step stops training here, on every rank."""
-        self.interrupt.check(self.rt)
+        """Between steps: a signal during the previous step stops training here, on every rank at the same step;
+        then every RNG is seeded for this step and rank (`Runtime.seed_step`)."""
+        if self._stop:
+            self.interrupt.at_boundary = True
+            raise KeyboardInterrupt
+        self.rt.seed_step(self.cfg.seed, self.step)
 
     def due(self, every: int) -> bool:
         """Whether something scheduled every ``every`` steps (0: only at the end) happens after this step."""
         return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
 
-    def agree_finite(self, finite: bool, *optimizers: torch.optim.Optimizer) -> bool:
-        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients)."""
-        if self.rt.all_ranks(finite):
+    def agree_finite(self, finite: bool | torch.Tensor, *optimizers: torch.optim.Optimizer) -> bool:
+        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients).
+
+        ``finite`` may stay on the device until here: reading it, together with whether any rank got a stop
+        signal, is the step's one host synchronisation.
+        """
+        finite, go_on = self.rt.all_ranks_each(finite, not self.interrupt.requested)
+        self._stop = not go_on
+        if finite:
             return True
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         if self.cfg.nan_policy == "stop":
             run_id = self.run.info.run_id if self.run else "<run id>"
-            kept = (f"the last good checkpoint (step {self.last_saved}) is kept: resume with --resume {run_id} "
+            if self.writer is not None:
+                self.writer.wait()  # the upload in flight decides which checkpoint is the last good one
+            good = self.writer.last_step if self.writer is not None and self.writer.last_step is not None \
+                else self.last_saved
+            kept = (f"the last good checkpoint (step {good}) is kept: resume with --resume {run_id} "
                     "and a lower --lr" if self.writer is None or self.writer.last_slot else
                     "no checkpoint was written yet: start again with a lower --lr")
             raise UserError(f"loss became NaN/inf at step {self.step}; stopped. {kept}, or use --nan-policy skip")
@@ -134,23 +157,28 @@ class TrainLoop:
         return rate
 
     def checkpoint_if_due(self) -> None:
+        """Rank 0 writes the checkpoint locally and uploads it in the background; the other ranks go on (the
+        next collective call lines them up again)."""
         if self.due(self.cfg.ckpt_every):
             if self.rt.is_main:
                 self.writer.save(self.snapshot())
             self.last_saved = self.step
-            self.rt.barrier()
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        """Progress bar and Ctrl-C handling for the training loop; OOM becomes advice."""
+    def running(self, *loaders: DataLoader) -> Iterator[None]:
+        """Progress bar and signal handling for the training loop; OOM becomes advice. Training ends when the
+        last checkpoint is in the run (a failed final upload is an error) and the ``loaders``' persistent
+        workers, which ignore stop signals, have been ended."""
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.desc, disable=not self.rt.is_main,
                         dynamic_ncols=True)
         self.interrupt = StepInterrupt()
         try:
             yield
+            if self.writer is not None:
+                self.writer.wait(final=True)
         except KeyboardInterrupt:
             if self.rt.is_main and self.step > self.last_saved and self.interrupt.at_boundary:
-                self.writer.save(self.snapshot())  # Ctrl-C keeps the progress made since the last checkpoint
+                self.writer.save(self.snapshot())  # a stop keeps the progress made since the last checkpoint
             raise
         except (RuntimeError, MemoryError) as exc:
             raise_if_out_of_memory(exc, self.cfg.batch_size)
@@ -159,4 +187,9 @@ class TrainLoop:
             self.interrupt.close()
             self.bar.close()
             if self.writer is not None:
+                self.writer.wait()
                 self.writer.close()
+            for loader in loaders:  # no public API; without it exit would wait for workers that ignore SIGTERM
+                workers = getattr(loader, "_iterator", None)
+                if workers is not None and hasattr(workers, "_shutdown_workers"):
+                    workers._shutdown_workers()

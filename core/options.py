@@ -77,6 +77,11 @@ class LoopOptions(Config):
                           choices=["stop", "skip"])
     log_every: int = opt(10, "Steps between metric logs.", ge=1)
     ckpt_every: int = opt(500, "Steps between checkpoints.", ge=1)
+    ckpt_keep: int = opt(2, "Checkpoint files kept in the run: the newest complete ones (one of them may be "
+                            "replaced by the upload in progress).", ge=2, le=26)
+    ema_weights: float = opt(0.0, "Decay of an exponential moving average of the weights, used for validation, "
+                                  "samples and the exported model (e.g. 0.999; 0: off).", ge=0, lt=1)
+    compile: bool = opt(False, "torch.compile the model (faster steps after a slower first one).")
 
 
 def _parse_tuple(text: str | tuple, item: type) -> tuple:

@@ -44,28 +44,45 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def wrap(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-        """The model DDP-wrapped when several processes train, else as it is."""
+        """The model DDP-wrapped when several processes train, else as it is.
+
+        Buffers are not re-broadcast from rank 0 before every forward: our models' buffers are constants or
+        quantizer statistics that the quantizer itself keeps identical on every rank (all-reduced counts).
+        """
         if not self.distributed:
             return model
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=find_unused_parameters)
+            find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def all_ranks(self, flag: bool) -> bool:
+    def all_ranks(self, flag: bool | torch.Tensor) -> bool:
         """True only if ``flag`` holds on every rank, so that all ranks take the same branch (e.g. skip a step)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor(int(flag), device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+        return self.all_ranks_each(flag)[0]
+
+    def all_ranks_each(self, *flags: bool | torch.Tensor) -> list[bool]:
+        """`all_ranks` for several flags at once. Flags may be device tensors: one all-reduce and one host read
+        for all of them (the training step's one host synchronisation)."""
+        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).to(torch.int32) for f in flags])
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in t.tolist()]
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed every RNG from (seed, step, rank) at the start of a step.
+
+        Ranks draw different dropout masks and restart candidates, and a resumed run draws exactly what the
+        uninterrupted run drew at the same step, so no RNG state needs to travel in checkpoints.
+        """
+        seed_everything(int(np.random.SeedSequence([seed, step, self.rank]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) -> Runtime:
-    """Resolve ``--device``/``--precision``, join a torchrun process group if launched by one, seed RNGs."""
+    """Resolve ``--device``/``--precision``, join a torchrun process group if launched by one, seed RNGs.
+
+    The same seed on every rank here, so models are initialised identically; training steps then reseed per
+    rank (`Runtime.seed_step`). fp16 also runs on CPU (CPU autocast + a CPU GradScaler): slow, but the same code
+    path as on GPUs, which is how the tests cover it.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,8 +94,6 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) 
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if precision == "fp16" and not use_cuda:
-        raise UserError("--precision fp16 needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     seed_everything(seed)
@@ -91,25 +106,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """RNG states as tensors/ints only, so checkpoints load with ``weights_only=True``."""
-    state = {"torch": torch.get_rng_state(), "python_seed": random.getrandbits(32)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.seed(state["python_seed"])
-    np.random.seed(state["python_seed"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
 def broadcast_from_main(rt: Runtime, *objects: Any) -> tuple:
     """Rank 0 reads MLflow; the other ranks get what it read (resume state, config) from it."""
     if not rt.distributed:
@@ -120,7 +121,11 @@ def broadcast_from_main(rt: Runtime, *objects: Any) -> tuple:
 
 
 def average_gradients(module: torch.nn.Module, rt: Runtime) -> None:
-    """All-reduce a module's gradients (the discriminator is not DDP-wrapped: it also runs in the G step)."""
+    """All-reduce a module's gradients (the discriminator is not DDP-wrapped: it also runs in the G step).
+
+    Call it before ``GradScaler.unscale_``/``step``: the scaler's inf check must see the averaged gradients,
+    so that an inf on one rank makes every rank skip the step (else replicas diverge).
+    """
     if not rt.distributed:
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]

@@ -89,12 +89,15 @@ def test_kill_9_keeps_the_last_checkpoint_and_resume_continues_the_step_axis(tra
     assert load_checkpoint(run_id)[0]["step"] == done + 2
 
 
-def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tracking_dir, dataset, start, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tracking_dir, dataset, start, tmp_path, sig):
+    """SIGTERM (how Slurm and Kubernetes stop a job) does what Ctrl-C does, well within their grace period."""
+    experiment = f"signal-{sig.name}"
     proc = start("train-vqvae", "--manifest", dataset, *TINY_VQ, *ENDLESS, "--ckpt-every", "100000",
-                 "--experiment", "ctrl-c")
-    run_id = wait_for_run("ctrl-c", proc, has_metrics)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+                 "--experiment", experiment)
+    run_id = wait_for_run(experiment, proc, has_metrics)
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert error_line((tmp_path / "stderr.txt").read_text()) == (
         f"Error: interrupted; run {run_id} marked KILLED (resume with --resume {run_id})")
@@ -106,6 +109,28 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tracking_dir, datase
     assert res.exit_code == 0, res.output
     assert client().get_run(run_id).info.status == "FINISHED"
     assert metric_steps(run_id) == list(range(1, done + 2))
+
+
+def test_sigterm_to_the_whole_job_with_dataloader_workers(tracking_dir, dataset, tmp_path):
+    """Slurm signals every process of a job step, DataLoader workers included: training still finishes its step,
+    checkpoints and marks the run KILLED (a killed worker would have failed the step)."""
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train-vqvae", "--manifest", str(dataset),
+                                 *TINY_VQ, *ENDLESS, "--ckpt-every", "100000", "--num-workers", "2",
+                                 "--experiment", "sigterm-job"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, start_new_session=True)
+    try:
+        run_id = wait_for_run("sigterm-job", proc, has_metrics)
+        os.killpg(proc.pid, signal.SIGTERM)  # the job's process group: the trainer and its workers
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1
+    assert error_line((tmp_path / "stderr.txt").read_text()) == (
+        f"Error: interrupted; run {run_id} marked KILLED (resume with --resume {run_id})")
+    assert load_checkpoint(run_id)[0]["step"] >= 1
 
 
 def nan_at(monkeypatch, nan_step: int) -> None:

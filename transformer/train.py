@@ -18,8 +18,9 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.images import grid_image
 from core.loop import TrainLoop, training_session
+from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, broadcast_from_main, rng_state, set_rng_state
+from core.runtime import Runtime, broadcast_from_main
 from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
@@ -125,11 +126,13 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         model = GPT(mcfg).to(rt.device)
         opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))
         scaler = rt.grad_scaler()
+        ema = WeightEMA(model, cfg.ema_weights)
         step = 0
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
             opt.load_state_dict(state["opt"])
             scaler.load_state_dict(state["scaler"])
+            ema.load_state_dict(state.get("ema"))
             step = state["step"]
         tokenizer = None
         if rt.is_main:
@@ -139,16 +142,16 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                                    "codebook_size": vocab.codebook_size, "num_params": sum(
                                        p.numel() for p in model.parameters())})
         ddp_model = rt.wrap(model)
+        if cfg.compile:
+            ddp_model = torch.compile(ddp_model)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
         dropout_rng = torch.Generator()
-        if state is not None:  # only now: building the tokenizer above draws from the global RNG
-            set_rng_state(state["rng"])
 
         def snapshot() -> dict:
             return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": loop.step,
                     "model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_state()}
+                    "ema": ema.state_dict()}
 
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train")
         with loop.running():
@@ -160,7 +163,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss_sum, tokens = 0.0, 0
+                loss_sum, tokens = torch.zeros((), device=rt.device), 0  # on the device until logged
                 for micro in range(cfg.grad_accum):
                     idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
                     seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
@@ -171,9 +174,9 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                             logits = ddp_model(seq[:, :-1])
                             loss = F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
                         scaler.scale(loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
+                    loss_sum += loss.detach() / cfg.grad_accum
                     tokens += seq[:, 1:].numel()
-                finite = loop.agree_finite(math.isfinite(loss_sum), opt)
+                finite = loop.agree_finite(torch.isfinite(loss_sum), opt)
                 if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
                     if cfg.grad_clip > 0:
                         scaler.unscale_(opt)
@@ -181,20 +184,22 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                     scaler.step(opt)
                     scaler.update()
                     opt.zero_grad(set_to_none=True)
+                    ema.update()
                 loop.end_step(tokens)
                 if rt.is_main and finite and loop.due(cfg.log_every):
-                    mlflow.log_metrics({"train/loss": loss_sum, "train/bits_per_token": loss_sum / math.log(2),
+                    train_loss = loss_sum.item()
+                    mlflow.log_metrics({"train/loss": train_loss, "train/bits_per_token": train_loss / math.log(2),
                                         "train/lr": lr, "train/tokens_per_sec": loop.throughput()}, step=loop.step)
-                    loop.bar.set_postfix(loss=f"{loss_sum:.4f}")
+                    loop.bar.set_postfix(loss=f"{train_loss:.4f}")
                 if rt.is_main and loop.due(cfg.val_every):
-                    val = validation_loss(model, data, rt, cfg.batch_size)
+                    val = validation_loss(ema.module, data, rt, cfg.batch_size)
                     mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
                 if rt.is_main and loop.due(cfg.sample_every):
-                    log_samples(model, data, tokenizer, loop.step, cfg.seed)
+                    log_samples(ema.module, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()
         if rt.is_main:
-            log_model_weights(model.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step)
-            log_generator_model(model, vocab, tokenizer, loop.step, register)
+            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step)
+            log_generator_model(ema.module, vocab, tokenizer, loop.step, register)
         return run.info.run_id if run else ""
 
 

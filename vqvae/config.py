@@ -65,7 +65,8 @@ class VQConfig(LoopOptions, VQModelConfig):
     val_fraction: float = opt(0.1, "Validation share when the manifest has no split column (hash of the path).",
                               ge=0, lt=1)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images (with a count) instead of failing.")
-    num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+    num_workers: int = opt(None, "DataLoader worker processes (default: the CPU cores of this process, less one, "
+                                 "shared by the processes on this machine; at most 8).", ge=0)
     flip: bool = opt(True, "Random horizontal flips for training images.")
     init_from: str = opt(None, "Start from the weights of this vqvae run (trained or imported): its architecture, "
                                "fresh optimizers, step 0.")

@@ -116,7 +116,7 @@ class NLayerDiscriminator(nn.Module):
 
 
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    delta: float = 1e-4, loss_scale: float = 1.0) -> torch.Tensor:
+                    delta: float = 1e-4, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """λ = ||∇nll|| / (||∇g|| + δ) at the decoder's last layer, clamped to [0, 1e4], detached.
 
     Balances the GAN term against the reconstruction term at the layer where both act on the image.
@@ -161,12 +161,15 @@ class VQGANLoss(nn.Module):
         return step >= self.disc_start
 
     def generator_loss(self, x: torch.Tensor, xrec: torch.Tensor, qloss: torch.Tensor, step: int,
-                       last_layer: torch.Tensor, loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                       last_layer: torch.Tensor, loss_scale: float | torch.Tensor = 1.0
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """nll (pixel + perceptual) + adaptive·disc_weight·GAN + codebook_weight·qloss; no discriminator gradients.
 
         The adaptive weight needs the autograd graph at `last_layer`; where there is none (torch.no_grad(),
         e.g. validation) it is 0, so the returned total then excludes the GAN term. `loss_scale`: the fp16
-        GradScaler's current scale (see `adaptive_weight`); leave 1 for fp32/bf16.
+        GradScaler's current scale, best as a device tensor (see `adaptive_weight`); leave 1 for fp32/bf16.
+        The logs are detached 0-dim tensors on the loss's device: reading them waits for the device, so callers
+        read them only when they log.
         """
         rec = (x - xrec).abs() if self.rec_loss == "l1" else (x - xrec).pow(2)
         rec_loss = rec.mean()
@@ -183,16 +186,18 @@ class VQGANLoss(nn.Module):
                 d_weight = adaptive_weight(nll, g_loss, last_layer, loss_scale=loss_scale) * self.disc_weight
         total = nll + d_weight * g_loss + self.codebook_weight * qloss
         keys = ("rec_loss", "p_loss", "nll_loss", "g_loss", "d_weight", "q_loss", "total_loss")
-        values = torch.stack([v.detach().float() for v in (rec_loss, p_loss, nll, g_loss, d_weight, qloss, total)])
-        return total, dict(zip(keys, values.tolist()))  # one device sync for all logs
+        values = (rec_loss, p_loss, nll, g_loss, d_weight, qloss, total)
+        return total, {k: v.detach().float() for k, v in zip(keys, values)}
 
     def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor,
-                           step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Hinge loss on real x and detached xrec (one forward over both); a graph-less 0 before disc_start."""
+                           step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge loss on real x and detached xrec (one forward over both); a graph-less 0 before disc_start.
+        Logs as in `generator_loss`: device tensors."""
         if not self.disc_active(step):
-            return x.new_zeros(()), {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+            zero = x.new_zeros((), dtype=torch.float32)
+            return zero, {"d_loss": zero, "logits_real": zero, "logits_fake": zero}
         logits = self.discriminator(torch.cat([x.detach(), xrec.detach()]))
         real, fake = logits.float().chunk(2)
         d_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
-        values = torch.stack([d_loss, real.mean(), fake.mean()]).detach().tolist()
-        return d_loss, dict(zip(("d_loss", "logits_real", "logits_fake"), values))
+        values = (d_loss, real.mean(), fake.mean())
+        return d_loss, {k: v.detach() for k, v in zip(("d_loss", "logits_real", "logits_fake"), values)}

@@ -76,29 +76,48 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, spherical: bool) -> torch.Tenso
 
 
 class _UsageTracker(nn.Module):
-    """A step counter (training forwards) and the last step each code was used."""
+    """A step counter (optimizer steps) and the last step each code was used.
+
+    A training step is ``forwards_per_step`` training forwards (the trainer sets it to its gradient
+    accumulation), so ``restart_after`` and ``usage_window`` count steps, not micro-batches. Everything here
+    stays on the device: no host synchronisation per forward.
+    """
 
     def __init__(self, codebook_size: int, usage_window: int):
         super().__init__()
         self.codebook_size = codebook_size
         self.usage_window = usage_window
+        self.forwards_per_step = 1
+        self._forwards = 0  # training forwards seen; the checkpointed `step` is what persists
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.full((codebook_size,), -1, dtype=torch.long))  # -1: never
 
     def _histogram(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counts per code, perplexity) of this batch."""
-        counts = torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
+        """(counts per code, perplexity) of this batch; a scatter-add, because CUDA's bincount reads the
+        largest index back to the host."""
+        flat = indices.flatten()
+        counts = torch.zeros(self.codebook_size, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float32))
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
         return counts, perplexity
 
+    def _starts_step(self) -> bool:
+        """Whether the training forward in progress is the first of its step."""
+        return self._forwards % self.forwards_per_step == 0
+
+    # Bookkeeping with Python counters (and collectives) stays out of torch.compile graphs: a guard on the
+    # forward counter would recompile the model at every step.
+    @torch.compiler.disable
     @torch.no_grad()
     def _mark_used(self, global_counts: torch.Tensor) -> None:
-        self.step += 1
-        self.last_used.masked_fill_(global_counts > 0, self.step)
+        if self._starts_step():
+            self.step += 1
+        self._forwards += 1
+        self.last_used.copy_(torch.where(global_counts > 0, self.step, self.last_used))
 
     def usage(self) -> float:
-        """Fraction of codes used within the last `usage_window` training steps."""
+        """Fraction of codes used within the last `usage_window` training steps (reads the device: log time)."""
         recent = (self.last_used >= 0) & (self.step - self.last_used < self.usage_window)
         return recent.float().mean().item()
 
@@ -183,20 +202,27 @@ class VectorQuantizer(_UsageTracker):
 
     @torch.no_grad()
     def _set_codes(self, rows: torch.Tensor, new: torch.Tensor) -> None:
-        """Overwrite codes (in code space) and restart their EMA statistics and idle timers."""
-        self.codebook[rows] = new
-        self.ema_count[rows] = 1.0
-        self.ema_sum[rows] = new
-        self.last_reset[rows] = self.step
+        """Overwrite the codes where the (K,) mask ``rows`` is set (in code space; ``new`` is (K, code_dim)) and
+        restart their EMA statistics and idle timers; masked, so no host synchronisation."""
+        keep = ~rows[:, None]
+        self.codebook.copy_(torch.where(keep, self.codebook, new))
+        self.ema_count.copy_(torch.where(rows, 1.0, self.ema_count))
+        self.ema_sum.copy_(torch.where(keep, self.ema_sum, new))
+        self.last_reset.copy_(torch.where(rows, self.step, self.last_reset))
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Replace codes idle for `restart_after` steps by random encoder outputs of this batch."""
-        idle = self.step - torch.maximum(self.last_used, self.last_reset)
-        dead = (idle >= self.restart_after).nonzero().squeeze(1)  # same on every rank: built from reduced counts
-        if dead.numel() == 0:
+        """Replace codes idle for `restart_after` steps by random encoder outputs of this batch, once per step.
+
+        A candidate is drawn for every code and only the dead ones take theirs: the same work every step,
+        instead of reading the number of dead codes back to the host.
+        """
+        if not self._starts_step():
             return
-        new = flat[_sample_rows(flat.shape[0], dead.numel(), flat.device)]
+        idle = self.step - torch.maximum(self.last_used, self.last_reset)
+        dead = idle >= self.restart_after  # same on every rank: built from reduced counts
+        new = flat[_sample_rows(flat.shape[0], self.codebook_size, flat.device)]
         self._set_codes(dead, _broadcast(new.contiguous()))  # rank 0's picks everywhere
 
     @torch.no_grad()
@@ -218,7 +244,7 @@ class VectorQuantizer(_UsageTracker):
         codes = torch.empty_like(self.codebook)
         if not _distributed() or dist.get_rank() == 0:
             codes = _kmeans(x, k, iters, self.l2_norm) if method == "kmeans" else x[_sample_rows(x.shape[0], k, x.device)]
-        self._set_codes(torch.arange(k, device=codes.device), _broadcast(codes.contiguous()))
+        self._set_codes(torch.ones(k, dtype=torch.bool, device=codes.device), _broadcast(codes.contiguous()))
 
     def indices_to_z(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> z_q (B, embed_dim, h, w)."""

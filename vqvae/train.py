@@ -11,12 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_weights
-from core.data import ImageDataset, ResumableSampler, read_manifest
+from core.data import ImageDataset, SeededSampler, default_num_workers, read_manifest
+from core.ema import WeightEMA
 from core.errors import UserError
 from core.images import comparison_grid
-from core.loop import TrainLoop, training_session
+from core.loop import TrainLoop, ignore_stop_signals, training_session
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, average_gradients, rng_state, set_rng_state
+from core.runtime import Runtime, average_gradients, broadcast_from_main
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
@@ -24,6 +25,8 @@ from vqvae.losses import VQGANLoss
 from vqvae.model import VQModel
 from vqvae.pretrained import init_from_run, start_from
 from vqvae.tokenizer import KIND
+
+INIT_BATCHES = 8  # batches of encoder outputs the codebook initialisation draws from the training stream
 
 @torch.no_grad()
 def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime, cfg: VQConfig,
@@ -85,6 +88,28 @@ def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict
         return _train(rt, cfg, state, slot, resume_run_id, init, register)
 
 
+def samples_before(step: int, cfg: VQConfig) -> int:
+    """Training samples this rank drew before ``step``: its micro-batches, plus the batches that the codebook
+    initialisation drew at the start of step ``warmup_steps`` (so a resumed run continues the same stream)."""
+    drawn = step * cfg.grad_accum * cfg.batch_size
+    if cfg.codebook_init != "none" and step > cfg.warmup_steps:
+        drawn += INIT_BATCHES * cfg.batch_size
+    return drawn
+
+
+def step_discriminator(disc: torch.nn.Module, opt_d: torch.optim.Optimizer, scaler_d: torch.amp.GradScaler,
+                       rt: Runtime) -> None:
+    """Optimizer step of the discriminator (not DDP-wrapped: it also runs, frozen, in the generator pass).
+
+    Its gradients are averaged over ranks before the scaler looks for inf/NaN: a rank whose own gradients are
+    finite must still skip a step that another rank's overflow poisons, or the replicas diverge.
+    """
+    average_gradients(disc, rt)
+    scaler_d.step(opt_d)
+    scaler_d.update()
+    opt_d.zero_grad(set_to_none=True)
+
+
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
            init: dict | None = None, register: str | None = None) -> str:
     import mlflow
@@ -96,7 +121,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                    name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         if cfg.manifest is None:
             raise UserError("--manifest is required: a CSV with an image_path column")
-        df, skipped = read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
+        # every image is opened and verified once, by rank 0; the other ranks get the checked list
+        df, skipped = (read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images) if rt.is_main
+                       else (None, 0))
+        df, skipped = broadcast_from_main(rt, df, skipped)
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
@@ -105,11 +133,13 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             mlflow.log_metrics({"data/train_images": len(train_df), "data/val_images": len(val_df),
                                 "data/skipped_images": skipped}, step=0)
         model = VQModel(cfg).to(rt.device)
+        model.quantizer.forwards_per_step = cfg.grad_accum  # restarts and usage windows count optimizer steps
         loss_fn = VQGANLoss(cfg).to(rt.device)
         opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         start_from(model, init, cfg, rt.is_main)
+        ema = WeightEMA(model, cfg.ema_weights, live=("quantizer.codebook",) if cfg.quantizer == "vq" else ())
         step = 0
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
@@ -118,93 +148,106 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             opt_d.load_state_dict(state["opt_d"])
             scaler.load_state_dict(state["scaler"])
             scaler_d.load_state_dict(state["scaler_d"])
+            ema.load_state_dict(state.get("ema"))
             step = state["step"]
-        ddp_model = rt.wrap(model, find_unused_parameters=cfg.warmup_steps > 0)  # warm-up skips the quantizer
 
-        sampler = ResumableSampler(len(train_df), rt.rank, rt.world_size, cfg.seed,
-                                   start=step * cfg.grad_accum * cfg.batch_size)
+        def wrapped(quantizing: bool) -> torch.nn.Module:
+            # the warm-up skips the quantizer: only then must DDP look for parameters without gradients
+            net = rt.wrap(model, find_unused_parameters=not quantizing)
+            if not cfg.compile:
+                return net
+            # the adaptive weight differentiates the decoder twice (retain_graph), which AOT autograd's
+            # donated buffers forbid
+            torch._functorch.config.donated_buffer = False
+            return torch.compile(net)
+
+        net = wrapped(step >= cfg.warmup_steps)
+        workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
         pin = rt.device.type == "cuda"
+        sampler = SeededSampler(len(train_df), rt.rank, rt.world_size, cfg.seed, start=samples_before(step, cfg))
         loader = DataLoader(ImageDataset(train_df.image_path.tolist(), cfg.image_size, True, cfg.flip),
-                            batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            pin_memory=pin, persistent_workers=cfg.num_workers > 0, drop_last=False)
+                            batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                            pin_memory=pin, persistent_workers=workers > 0, drop_last=False,
+                            worker_init_fn=ignore_stop_signals)
         val_loader = DataLoader(ImageDataset(val_df.image_path.tolist(), cfg.image_size, False),
-                                batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
-        batches = iter(loader)  # draws a worker seed from the global RNG: restore the RNG after it
-        if state is not None:
-            set_rng_state(state["rng"])
+                                batch_size=cfg.batch_size, num_workers=workers, pin_memory=pin,
+                                persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
+        batches = iter(loader)
+        one = torch.ones((), device=rt.device)
 
         def snapshot() -> dict:
             return {"config": dataclasses.asdict(cfg), "step": loop.step, "model": model.state_dict(),
                     "discriminator": loss_fn.discriminator.state_dict(), "opt_ae": opt_ae.state_dict(),
                     "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(), "scaler_d": scaler_d.state_dict(),
-                    "rng": rng_state()}
+                    "ema": ema.state_dict()}
 
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train-vqvae")
-        with loop.running():
+        with loop.running(loader, val_loader):
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step
                 if step == cfg.warmup_steps and cfg.codebook_init != "none" and (cfg.warmup_steps or cfg.init_from):
                     init_codebook(model, batches, rt, cfg)
+                if step == cfg.warmup_steps and cfg.warmup_steps > 0:
+                    net = wrapped(True)
                 lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
                 for opt in (opt_ae, opt_d):
                     for group in opt.param_groups:
                         group["lr"] = lr
-                quantize = step >= cfg.warmup_steps
-                logs: dict[str, float] = {}
-                finite, seen = True, 0
+                quantize, disc_on = step >= cfg.warmup_steps, loss_fn.disc_active(step)
+                # statistics stay on the device; they are read once, when logged
+                logs: dict[str, torch.Tensor] = {}
+                finite, seen = torch.ones((), dtype=torch.bool, device=rt.device), 0
                 for micro in range(cfg.grad_accum):
                     x = next(batches)[0].to(rt.device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
-                    with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                    with contextlib.nullcontext() if sync else net.no_sync():
                         with rt.autocast():
-                            xrec, qloss, q = ddp_model(x, quantize=quantize)
-                            gloss, glogs = loss_fn.generator_loss(
-                                x, xrec, qloss, step, model.last_layer,
-                                loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
-                        finite &= bool(torch.isfinite(gloss))
+                            xrec, qloss, q = net(x, quantize=quantize)
+                            # the scale as a device tensor: GradScaler.get_scale() would wait for the device
+                            gloss, glogs = loss_fn.generator_loss(x, xrec, qloss, step, model.last_layer,
+                                                                  loss_scale=scaler.scale(one))
+                        finite &= torch.isfinite(gloss)
                         scaler.scale(gloss / cfg.grad_accum).backward()
-                    if step >= cfg.disc_start:
+                    if disc_on:
                         with rt.autocast():
                             dloss, dlogs = loss_fn.discriminator_loss(x, xrec, step)
-                        finite &= bool(torch.isfinite(dloss))
+                        finite &= torch.isfinite(dloss)
                         scaler_d.scale(dloss / cfg.grad_accum).backward()
                         glogs.update(dlogs)
-                    for k, v in glogs.items():
-                        logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
                     if q is not None and q.perplexity is not None:
-                        logs["perplexity"] = logs.get("perplexity", 0.0) + float(q.perplexity) / cfg.grad_accum
+                        glogs["perplexity"] = q.perplexity
+                    for k, v in glogs.items():
+                        logs[k] = logs.get(k, 0.0) + v.detach().float() / cfg.grad_accum
                     seen += x.shape[0]
                 finite = loop.agree_finite(finite, opt_ae, opt_d)
                 if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
                     scaler.step(opt_ae)
                     scaler.update()
                     opt_ae.zero_grad(set_to_none=True)
-                    if step >= cfg.disc_start:
-                        scaler_d.unscale_(opt_d)
-                        average_gradients(loss_fn.discriminator, rt)
-                        scaler_d.step(opt_d)
-                        scaler_d.update()
-                        opt_d.zero_grad(set_to_none=True)
+                    if disc_on:
+                        step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt)
+                    ema.update()
                 loop.end_step(seen)
                 if rt.is_main and finite and loop.due(cfg.log_every):
+                    logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host read for all
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
                     metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
                     mlflow.log_metrics(metrics, step=loop.step)
-                    loop.bar.set_postfix(loss=f"{logs.get('total_loss', float('nan')):.4f}",
+                    loop.bar.set_postfix(loss=f"{metrics.get('train/total_loss', float('nan')):.4f}",
                                          usage=f"{metrics['train/codebook_usage']:.2f}")
                 if rt.is_main and loop.due(cfg.val_every):
-                    validate(model, loss_fn, val_loader, rt, cfg, loop.step)
+                    validate(ema.module, loss_fn, val_loader, rt, cfg, loop.step)
                 loop.checkpoint_if_due()
         if rt.is_main:
-            log_model_weights(model.state_dict(), KIND, dataclasses.asdict(cfg.model_config()), loop.step)
-            log_tokenizer_model(model, cfg, loop.step, register)
+            log_model_weights(ema.module.state_dict(), KIND, dataclasses.asdict(cfg.model_config()), loop.step)
+            log_tokenizer_model(ema.module, cfg, loop.step, register)
         return run.info.run_id if run else ""
 
 
 @torch.no_grad()
-def init_codebook(model: VQModel, batches, rt: Runtime, cfg: VQConfig, num_batches: int = 8) -> None:
+def init_codebook(model: VQModel, batches, rt: Runtime, cfg: VQConfig, num_batches: int = INIT_BATCHES) -> None:
     """Seed the codebook from encoder outputs after the AE warm-up (k-means or random latents)."""
     latents = []
     for _ in range(num_batches):
