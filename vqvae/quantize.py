@@ -1,13 +1,14 @@
 """quantize: encode a manifest's images into code grids, stored as artifacts of a new run (tag stage=quantize).
 
 Artifacts: ``codes/<split>.npy`` (N,h,w; uint16 when the codebook fits), ``index.csv`` (split, row → image_path,
-label, label_id), ``vocab.json`` (codebook size, grid shape, special-token ids, class → id),
-``codebook_usage.png``.
+label, label_id), ``vocab.json`` (codebook size, grid shape and class names: what the codes are; the
+transformer lays out its own tokens from it), ``codebook_usage.png``.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,30 @@ from core.errors import UserError
 from core.options import Config, build_config, config_options, config_params, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, log_manifest, stage_run, with_tracking_options
-from transformer.vocab import Vocab
 from vqvae.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class CodeGrids:
+    """What a quantize run's code grids are (its ``vocab.json``): codes 0..codebook_size-1 on a grid of
+    ``grid_shape``, and the class names in label-id order (empty: unlabelled)."""
+    codebook_size: int
+    grid_shape: tuple[int, int]
+    classes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def code_dtype(self) -> type:
+        """Compact integer type for stored code grids."""
+        return np.uint16 if self.codebook_size <= 2**16 else np.int32
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a ``vocab.json`` (keys beyond these three, as older runs wrote, are ignored)."""
+        d = json.loads(Path(path).read_text())
+        return cls(int(d["codebook_size"]), tuple(int(s) for s in d["grid_shape"]), tuple(d["classes"]))
 
 
 @dataclass
@@ -96,7 +119,7 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
         df, skipped = read_manifest(manifest, tok.cfg.val_fraction, cfg.skip_bad_images)
         log_manifest(df, str(manifest), "quantize")
         classes = sorted_classes(df["label"])
-        vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)
+        grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
         with artifact_folder() as out:
             (out / "codes").mkdir()
@@ -104,13 +127,13 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
             for split in ("train", "val"):
                 part = df[df.split == split].reset_index(drop=True)
                 codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
-                np.save(out / "codes" / f"{split}.npy", codes.astype(vocab.code_dtype))
+                np.save(out / "codes" / f"{split}.npy", codes.astype(grids.code_dtype))
                 index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label",
                                                                      "label_id"]])
                 all_codes.append(codes)
             elapsed = time.perf_counter() - t0
             pd.concat(index).to_csv(out / "index.csv", index=False)
-            (out / "vocab.json").write_text(vocab.to_json())
+            (out / "vocab.json").write_text(grids.to_json())
         counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
         mlflow.log_metrics({"codebook_usage": used, "perplexity": ppl, "num_images": len(df),
                             "skipped_images": skipped, "images_per_sec": len(df) / max(elapsed, 1e-9)})
