@@ -30,13 +30,16 @@ class VQModelConfig(Config):
     # quantizer
     quantizer: str = opt("vq", "Vector quantizer or finite scalar quantization.", choices=["vq", "fsq"])
     codebook_size: int = opt(256, "Number of codes (vq).", ge=2, applies=_vq)
-    code_dim: int = opt(0, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, applies=_vq)
+    code_dim: int = opt(8, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, applies=_vq)
     beta: float = opt(0.25, "Commitment weight: beta * ||z_e - sg[e]||^2.", ge=0, applies=_vq)
-    l2_norm: bool = opt(False, "l2-normalise latents and codes (cosine-similarity lookup).", applies=_vq)
+    l2_norm: bool = opt(True, "l2-normalise latents and codes (cosine-similarity lookup).", applies=_vq)
     ema: bool = opt(False, "Update the codebook by exponential moving averages instead of the codebook loss.",
                     applies=_vq)
     ema_decay: float = opt(0.99, "EMA decay.", ge=0, lt=1, applies=lambda c: _vq(c) and c.ema)
-    restart_after: int = opt(0, "Restart codes unused for this many steps with recent encoder outputs (0: off).",
+    rotation_trick: bool = opt(False, "Pass gradients through the quantizer by rotating the encoder output onto its "
+                                      "code (Fifty et al. 2024) instead of copying them (straight-through).",
+                               applies=_vq)
+    restart_after: int = opt(20, "Restart codes unused for this many steps with recent encoder outputs (0: off).",
                              ge=0, applies=_vq)
     usage_window: int = opt(100, "Steps over which codebook usage is measured.", ge=1)
     fsq_levels: tuple[int, ...] = opt((8, 5, 5, 5), "FSQ levels per dimension (codebook size = product).", ge=2,

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from core.checkpoint import load_weights
 from core.data import ImageDataset, ResumableSampler, read_manifest
 from core.errors import UserError
+from core.health import check_codebook
 from core.images import grid_image
 from core.loop import TrainLoop, training_session
 from core.options import build_config, config_options, config_params, explicit_options
@@ -170,6 +171,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
                     mlflow.log_metrics(metrics, step=loop.step)
+                    check_codebook(cfg, loop.step, metrics)
                     loop.bar.set_postfix(loss=f"{logs.get('total_loss', float('nan')):.4f}",
                                          usage=f"{metrics['train/codebook_usage']:.2f}")
                 if rt.is_main and loop.due(cfg.val_every):
