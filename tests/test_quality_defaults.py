@@ -46,3 +46,29 @@ def test_vocab_json_records_codes_grid_and_classes_only(tmp_path):
                                 "sos_id": 300, "vocab_size": 301, "class_to_token": {}}))
     assert Vocab.load(path) == Vocab(300, (8, 8), ())
 
+
+
+def test_default_guidance_applies_to_conditional_models_only(tracking_dir, dataset, vqvae_run, tmp_path):
+    """Guidance is on by default for a class-conditional model; an unconditional one samples with the defaults
+    (an explicit --cfg-scale there is still an error)."""
+    import pandas as pd
+
+    from conftest import TINY_GPT, invoke, last_line
+
+    from transformer.generate import DEFAULT_CFG_SCALE
+    unlabelled = tmp_path / "unlabelled.csv"
+    df = pd.read_csv(dataset).drop(columns="label")
+    df.assign(image_path=[str(dataset.parent / p) for p in df.image_path]).to_csv(unlabelled, index=False)
+    run_ids = {}
+    for name, manifest in (("conditional", dataset), ("unconditional", unlabelled)):
+        res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--manifest", manifest, "--num-workers", "0")
+        assert res.exit_code == 0, res.output
+        res = invoke("train", "--quantize-run-id", last_line(res.stdout), *TINY_GPT)
+        assert res.exit_code == 0, res.output
+        res = invoke("generate", "--transformer-run-id", last_line(res.stdout), "--num-samples", "2")
+        assert res.exit_code == 0, res.output
+        run_ids[name] = last_line(res.stdout)
+    from core.tracking import download
+
+    used = {k: json.loads(download(r, "settings.json").read_text())["cfg_scale"] for k, r in run_ids.items()}
+    assert used == {"conditional": DEFAULT_CFG_SCALE, "unconditional": 1.0} and DEFAULT_CFG_SCALE > 1
