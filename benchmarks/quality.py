@@ -46,8 +46,8 @@ SHAPES = ("circle", "square", "triangle")
 # The defaults before issue 9, for the options it changed (stage -> option -> old value).
 OLD: dict[str, dict] = {
     "vqvae": {"code_dim": 0, "l2_norm": False, "restart_after": 0, "lr": 2e-4, "lr_warmup_steps": 0},
-    "train": {"n_layer": 4, "n_embd": 128, "lr": 3e-4, "min_lr": 3e-5, "lr_warmup_steps": 100},
-    "generate": {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0},
+    "train": {"lr": 3e-4, "min_lr": 3e-5, "lr_warmup_steps": 100},
+    "generate": {"cfg_scale": 1.0, "top_k": 0},
 }
 
 
