@@ -28,7 +28,7 @@ class VQModelConfig(Config):
     embed_dim: int = opt(64, "Channels entering the quantizer.", ge=1)
     dropout: float = opt(0.0, "Dropout in ResNet blocks.", ge=0, lt=1)
     # quantizer. Defaults: l2-normalised 8-dim codes with dead-code restarts (LlamaGen's recipe, plus restarts),
-    # measured with benchmarks/quality.py; the plain 256-dim codebook collapses to a few percent of its codes.
+    # measured with benchmarks/quality.py; plain embed_dim-wide codes collapse to a few percent of the codebook.
     quantizer: str = opt("vq", "Vector quantizer or finite scalar quantization.", choices=["vq", "fsq"])
     codebook_size: int = opt(256, "Number of codes (vq).", ge=2, applies=_vq)
     code_dim: int = opt(8, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, applies=_vq)
