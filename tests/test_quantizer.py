@@ -14,7 +14,9 @@ from vqvae.quantizer import FSQ, VectorQuantizer, build_quantizer
 
 
 def make_vq(**kw) -> VectorQuantizer:
-    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, **kw}))
+    """A plain VQ (no default remedies) unless the test asks for them."""
+    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, "code_dim": 0, "l2_norm": False,
+                                       "restart_after": 0, **kw}))
 
 
 def test_shapes_and_build():
@@ -53,6 +55,40 @@ def test_straight_through_passes_gradient():
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     q(z).z_q.sum().backward()
     assert torch.allclose(z.grad, torch.ones_like(z))
+
+
+def test_rotation_trick_same_codes_rotated_and_scaled_gradients():
+    torch.manual_seed(0)
+    plain, rot = make_vq(), make_vq(rotation_trick=True)
+    rot.load_state_dict(plain.state_dict())
+    z = torch.randn(2, 4, 3, 3)
+    g = torch.randn(2, 4, 3, 3)
+    outs, grads = [], []
+    for q in (plain, rot):
+        zz = z.clone().requires_grad_()
+        out = q(zz)
+        (out.z_q * g).sum().backward()
+        outs.append(out)
+        grads.append(zz.grad)
+    assert torch.equal(outs[0].indices, outs[1].indices)
+    assert torch.allclose(outs[0].z_q, outs[1].z_q, atol=1e-5) and torch.allclose(outs[0].loss, outs[1].loss)
+    assert torch.allclose(grads[0], g)  # straight-through copies the gradient
+    # the rotation trick rotates it (norm kept) and scales it by ||e|| / ||z|| per position
+    e = plain.indices_to_z(outs[0].indices)
+    scale = e.norm(dim=1) / z.norm(dim=1)
+    assert torch.allclose(grads[1].norm(dim=1), scale * g.norm(dim=1), atol=1e-5)
+    assert not torch.allclose(grads[1], grads[0], atol=1e-3)
+
+
+def test_rotate_onto_parallel_vectors_only_scales():
+    from vqvae.quantizer import rotate_onto
+
+    z = torch.tensor([[1.0, 2.0, 2.0]], requires_grad=True)
+    q = 2 * z.detach()
+    out = rotate_onto(z, q)
+    assert torch.allclose(out, q)
+    out.backward(torch.tensor([[1.0, -1.0, 0.5]]))
+    assert torch.allclose(z.grad, torch.tensor([[2.0, -2.0, 1.0]]))
 
 
 def test_ema_updates_codebook_without_gradients():

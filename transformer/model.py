@@ -1,8 +1,8 @@
 """GPT over VQGAN code grids: 2-D windowed causal attention with a learned relative-position bias, learned
 row/column position embeddings, and a key/value cache whose memory and per-token cost are bounded by the window.
 
-Sequence = [prefix] + the H*W codes in raster order. Codes keep their ids 0..K-1, SOS = K (also the
-"null class" for classifier-free guidance), class c = K+1+c; the head predicts only the K codes.
+Sequence = [prefix] + the H*W codes in raster order, token ids as laid out by `transformer.vocab.TokenLayout`
+(which GPTConfig mixes in); the head predicts only the K codes.
 Positions: the relative bias tells a token where its keys are; pos_emb="rowcol" adds a learned embedding of
 the code's row and column (where in the image it is: borders, centre), as the official model's absolute
 embedding does. A window model generating a grid larger than its training grid maps rows/columns with the
@@ -18,11 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from transformer.vocab import TokenLayout
+
 POS_EMB = ("none", "rowcol")
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(TokenLayout):
     codebook_size: int
     num_classes: int  # 0 = unconditional
     grid_shape: tuple[int, int]  # training latent grid (H, W)
@@ -45,21 +47,6 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_emb not in POS_EMB:
             raise ValueError(f"pos_emb must be one of {POS_EMB}, got {self.pos_emb!r}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.codebook_size + 1 + self.num_classes
-
-    @property
-    def sos_id(self) -> int:
-        return self.codebook_size
-
-    def class_token(self, c: int | Tensor) -> int | Tensor:
-        """Token id of class c (an int or a LongTensor of classes)."""
-        bad = (c < 0) | (c >= self.num_classes)
-        if bool(bad.any() if isinstance(bad, Tensor) else bad):
-            raise ValueError(f"class label out of range [0, {self.num_classes})")
-        return self.codebook_size + 1 + c
 
     @property
     def window(self) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from core.checkpoint import load_weights
 from core.data import ResumableSampler
 from core.errors import UserError
+from core.health import check_val_loss
 from core.images import grid_image
 from core.loop import TrainLoop, training_session
 from core.ema import WeightEMA
@@ -56,7 +57,7 @@ class CodeData:
         """Token sequences [prefix, codes...]; the prefix is the class token, or SOS (unconditional / dropped)."""
         codes = self.codes[split][idx].flatten(1)
         labels = self.labels[split][idx]
-        prefix = torch.where(labels >= 0, self.vocab.class_token(0) + labels, self.vocab.sos_id)
+        prefix = self.vocab.prefix(labels)
         if label_dropout > 0:
             drop = torch.rand(len(idx), generator=generator) < label_dropout
             prefix = torch.where(drop, self.vocab.sos_id, prefix)
@@ -194,6 +195,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 if rt.is_main and loop.due(cfg.val_every):
                     val = validation_loss(ema.module, data, rt, cfg.batch_size)
                     mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
+                    check_val_loss(cfg, loop.step, val)
                 if rt.is_main and loop.due(cfg.sample_every):
                     log_samples(ema.module, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()

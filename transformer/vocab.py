@@ -1,24 +1,25 @@
-"""The token vocabulary: code ids first, then SOS, then one token per class — special ids never collide with codes.
+"""The transformer's token layout, in one place: code ids first (0..K-1, as the tokenizer numbers them), then SOS
+(K; also the null class for classifier-free guidance), then one token per class (K+1+c) — special ids never
+collide with codes, and the output head covers exactly the K codes.
 
-Written by `quantize` (vocab.json) and read by `train`/`generate`, so every stage agrees on the layout.
+`TokenLayout` is mixed into both `Vocab` (a quantize run's code grids, read from its ``vocab.json``) and the model's
+`GPTConfig`, so every stage and the model agree on it.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from core.errors import UserError
+from vqvae.codegrids import CodeGrids
 
 
-@dataclass(frozen=True)
-class Vocab:
+class TokenLayout:
+    """Token ids of a GPT over ``codebook_size`` codes with ``num_classes`` classes (provided by the subclass)."""
     codebook_size: int
-    grid_shape: tuple[int, int]
-    image_size: int
-    classes: tuple[str, ...] = field(default_factory=tuple)
+    num_classes: int
 
     @property
     def sos_id(self) -> int:
@@ -26,20 +27,28 @@ class Vocab:
         return self.codebook_size
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def vocab_size(self) -> int:
         return self.codebook_size + 1 + self.num_classes
 
-    @property
-    def code_dtype(self) -> type:
-        """Compact integer type for stored code grids."""
-        return np.uint16 if self.codebook_size <= 2**16 else np.int32
+    def class_token(self, c: int | Tensor) -> int | Tensor:
+        """Token id of class c (an int or a LongTensor of classes)."""
+        bad = (c < 0) | (c >= self.num_classes)
+        if bool(bad.any() if isinstance(bad, Tensor) else bad):
+            raise ValueError(f"class label out of range [0, {self.num_classes})")
+        return self.codebook_size + 1 + c
 
-    def class_token(self, class_id: int) -> int:
-        return self.codebook_size + 1 + class_id
+    def prefix(self, labels: Tensor) -> Tensor:
+        """First token of each sequence: the class token of its label, or SOS where the label is -1 (none)."""
+        return torch.where(labels >= 0, self.codebook_size + 1 + labels, self.sos_id)
+
+
+@dataclass(frozen=True)
+class Vocab(CodeGrids, TokenLayout):
+    """A quantize run's code grids with the token layout the transformer trains and samples with."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def class_id(self, label: str) -> int:
         """A label given by name or by class id; unknown labels list the known ones."""
@@ -49,14 +58,3 @@ class Vocab:
             return int(label)
         known = ", ".join(self.classes) if self.classes else "none: the model is unconditional"
         raise UserError(f"unknown label {label!r}; known labels: {known}")
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d.update(sos_id=self.sos_id, vocab_size=self.vocab_size,
-                 class_to_token={c: self.class_token(i) for i, c in enumerate(self.classes)})
-        return json.dumps(d, indent=2)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
-        d = json.loads(Path(path).read_text())
-        return cls(int(d["codebook_size"]), tuple(d["grid_shape"]), int(d["image_size"]), tuple(d["classes"]))

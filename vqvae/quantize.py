@@ -1,8 +1,8 @@
 """quantize: encode a manifest's images into code grids, stored as artifacts of a new run (tag stage=quantize).
 
 Artifacts: ``codes/<split>.npy`` (N,h,w; uint16 when the codebook fits), ``index.csv`` (split, row → image_path,
-label, label_id), ``vocab.json`` (codebook size, grid shape, special-token ids, class → id),
-``codebook_usage.png``.
+label, label_id), ``vocab.json`` (codebook size, grid shape and class names: what the codes are; the
+transformer lays out its own tokens from it), ``codebook_usage.png``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import (artifact_folder, connect, data_name, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
-from transformer.vocab import Vocab
+from vqvae.codegrids import CodeGrids
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -102,7 +102,7 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
         df, skipped = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
         log_manifest(df, str(manifest), "quantize")
         classes = sorted_classes(df["label"])
-        vocab = Vocab(tok.codebook_size, tok.grid_shape, tok.cfg.image_size, classes)
+        grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
         with artifact_folder() as out:
             (out / "codes").mkdir()
@@ -110,13 +110,13 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
             for split in ("train", "val"):
                 part = df[df.split == split].reset_index(drop=True)
                 codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
-                np.save(out / "codes" / f"{split}.npy", codes.astype(vocab.code_dtype))
+                np.save(out / "codes" / f"{split}.npy", codes.astype(grids.code_dtype))
                 index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label",
                                                                      "label_id"]])
                 all_codes.append(codes)
             elapsed = time.perf_counter() - t0
             pd.concat(index).to_csv(out / "index.csv", index=False)
-            (out / "vocab.json").write_text(vocab.to_json())
+            (out / "vocab.json").write_text(grids.to_json())
         counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
         mlflow.log_metrics({"quantize/codebook_usage": used, "quantize/perplexity": ppl, "data/num_images": len(df),
                             "data/skipped_images": skipped, "quantize/images_per_sec": len(df) / max(elapsed, 1e-9)})

@@ -62,6 +62,24 @@ def _nearest(x: torch.Tensor, codes: torch.Tensor, cosine: bool) -> torch.Tensor
     return torch.cat(out)
 
 
+def rotate_onto(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, Algorithm 1): rows of z mapped onto the rows of q by a scaled rotation.
+
+    Returns (||q||/||z||) R z with R the rotation taking z's direction to q's, R = I - 2 r r^T + 2 q^ z^T
+    (r = normalised z^ + q^), scale and R treated as constants: the value is q, and the gradient reaching z is
+    the incoming gradient rotated back by R^T and scaled, so it carries the angle and magnitude between z and
+    its code instead of being copied unchanged (straight-through).
+    """
+    with torch.no_grad():
+        z_norm, q_norm = z.norm(dim=1, keepdim=True).clamp_min(eps), q.norm(dim=1, keepdim=True)
+        z_hat, q_hat = z / z_norm, q / q_norm.clamp_min(eps)
+        r = F.normalize(z_hat + q_hat, dim=1, eps=eps)
+        scale = q_norm / z_norm
+    # R z without forming R: z - 2 r (r.z) + 2 q^ (z^.z)
+    rz = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * q_hat * (z_hat * z).sum(1, keepdim=True)
+    return scale * rz
+
+
 def _kmeans(x: torch.Tensor, k: int, iters: int, spherical: bool) -> torch.Tensor:
     """Lloyd's algorithm from k random rows; empty clusters keep their previous centre."""
     centres = x[_sample_rows(x.shape[0], k, x.device)]
@@ -138,6 +156,7 @@ class VectorQuantizer(_UsageTracker):
         self.l2_norm = cfg.l2_norm
         self.ema = cfg.ema
         self.ema_decay = cfg.ema_decay
+        self.rotation_trick = cfg.rotation_trick
         self.restart_after = cfg.restart_after
         # low-dimensional lookup (LlamaGen): codes of size code_dim between 1x1 projections
         low_dim = self.code_dim != cfg.embed_dim
@@ -179,7 +198,7 @@ class VectorQuantizer(_UsageTracker):
         counts, perplexity = self._histogram(idx)
         if self.training:
             self._update(flat.detach(), idx, counts)
-        z_q = flat + (e - flat).detach()
+        z_q = rotate_onto(flat, e) if self.rotation_trick else flat + (e - flat).detach()
         z_q = z_q.view(b, h, w, self.code_dim).permute(0, 3, 1, 2).contiguous()
         return QuantOut(self.proj_out(z_q), loss, idx.view(b, h, w), perplexity)
 

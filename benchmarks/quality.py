@@ -1,0 +1,255 @@
+"""Quality of the default options end to end, old defaults and new side by side, on built-in data.
+
+    python benchmarks/quality.py [--steps 400] [--only tokenizer|shapes|digits] [--per-class 30]
+
+- tokenizer: 32-px patches cut from scikit-learn's two sample photographs (`load_sample_images`; validation
+  patches come from a strip of each photo that no training patch overlaps); codebook usage and perplexity of the
+  whole validation set's codes and its PSNR, after `--steps` steps at batch 16 with `--perceptual-weight 0`.
+- shapes / digits: tokenizer and class-conditional transformer `--steps` steps each, then samples with the
+  generate defaults, decoded and read by a classifier fit on real training images (its accuracy on real held-out
+  images is printed as the ceiling). Shapes: circles, squares and triangles drawn with PIL at random position,
+  size and colour; digits: scikit-learn's 8x8 digits as the demo writes them.
+
+Every option not listed in `OLD` is at its (current) default in both columns.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from common import machine, scratch_tracking  # also puts the repository on sys.path
+
+import torch  # noqa: E402
+
+from core.options import build_config  # noqa: E402
+from core.tracking import download  # noqa: E402
+from transformer.config import GPTTrainConfig  # noqa: E402
+from transformer.generate import GenerateConfig, run_generate  # noqa: E402
+from transformer.train import train_transformer  # noqa: E402
+from vqvae.config import VQConfig  # noqa: E402
+from vqvae.decode import DecodeConfig, decode  # noqa: E402
+from vqvae.quantize import QuantizeConfig, quantize  # noqa: E402
+from vqvae.train import train_vqvae  # noqa: E402
+from workflows.demo import write_digits  # noqa: E402
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle")
+# The defaults before issue 9, for the options it changed (stage -> option -> old value).
+OLD: dict[str, dict] = {
+    "vqvae": {"code_dim": 0, "l2_norm": False, "restart_after": 0, "lr": 2e-4, "lr_warmup_steps": 0},
+    "train": {"lr": 3e-4, "min_lr": 3e-5, "lr_warmup_steps": 100},
+    "generate": {"cfg_scale": 1.0, "top_k": 0},
+}
+
+
+def photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
+    """Random SIZE² patches of the two sample photos; val patches from the right-most fifth of each photo."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,split"]
+    photos = load_sample_images().images
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            img = photos[i % len(photos)]
+            h, w = img.shape[:2]
+            cut = int(w * 0.8)  # train patches end left of the cut, val patches start right of it
+            x0, x1 = (0, cut - SIZE) if split == "train" else (cut, w - SIZE)
+            x, y = rng.integers(x0, x1 + 1), rng.integers(0, h - SIZE + 1)
+            name = f"img/{split}{i:05d}.png"
+            Image.fromarray(img[y:y + SIZE, x:x + SIZE]).save(out / name)
+            rows.append(f"{name},{split}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
+def draw_shape(kind: str, rng: np.random.Generator) -> Image.Image:
+    """One SIZE² image: a filled shape of random size, position and colour on a random plain background."""
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    while sum(abs(a - b) for a, b in zip(bg, fg)) < 200:  # keep the shape visible
+        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    img = Image.new("RGB", (SIZE, SIZE), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.uniform(0.22, 0.42) * SIZE
+    cx, cy = rng.uniform(r, SIZE - r, 2)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif kind == "square":
+        s = r * 0.85
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fg)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fg)
+    return img
+
+
+def shapes(out: Path, per_class: int = 400, seed: int = 0) -> Path:
+    """A labelled set of circles, squares and triangles (every 8th of a class: val) and its manifest."""
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,label,split"]
+    for i in range(per_class):
+        for kind in SHAPES:
+            name = f"img/{kind}{i:04d}.png"
+            draw_shape(kind, rng).save(out / name)
+            rows.append(f"{name},{kind},{'val' if i % 8 == 7 else 'train'}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
+def shape_features(path: Path) -> np.ndarray:
+    """Colour-, position- and size-free features: the shape's mask (pixels far from the corner colour) cropped to
+    its bounding box and resized to 12x12, plus the share of the box it fills (square ~1, circle ~0.8, triangle
+    ~0.5)."""
+    a = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+    bg = np.median(np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]]), axis=0)
+    dist = np.abs(a - bg).sum(-1)
+    mask = dist > 0.5 * max(dist.max(), 1e-6)
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return np.zeros(12 * 12 + 1)
+    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((12, 12), Image.BOX)) / 255
+    return np.concatenate([small.reshape(-1), [4 * crop.mean()]])
+
+
+def digit_features(path: Path) -> np.ndarray:
+    """A 32x32 digit box-averaged back to its 8x8 intensities (undoing the demo's 4x upscaling)."""
+    small = Image.open(path).convert("L").resize((SIZE // 4,) * 2, Image.BOX)
+    return np.asarray(small, dtype=np.float64).reshape(-1) / 255
+
+
+def classifier(manifest: Path, features):
+    """An SVM fit on the train split and its accuracy on the real val split."""
+    from sklearn.svm import SVC
+
+    df = pd.read_csv(manifest, dtype=str)
+    x = np.stack([features(manifest.parent / p) for p in df.image_path])
+    train = (df.split == "train").to_numpy()
+    clf = SVC().fit(x[train], df.label[train])
+    return clf, float((clf.predict(x[~train]) == df.label[~train]).mean())
+
+
+def quiet():
+    """The stages print their run IDs on stdout: keep stdout for the results table."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def stage_values(stage: str, old: bool, extra: dict) -> dict:
+    return {**(OLD[stage] if old else {}), **extra}
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    import mlflow
+
+    return mlflow.get_run(run_id).data.metrics
+
+
+def tokenizer(manifest: Path, steps: int, old: bool, **extra) -> tuple[str, dict[str, float]]:
+    """Train the tokenizer, then measure the whole val split: PSNR, codebook usage and perplexity."""
+    values = {"manifest": str(manifest), "image_size": SIZE, "max_steps": steps, "batch_size": 16,
+              "perceptual_weight": 0.0, "val_every": steps, "val_batches": 10**6, "ckpt_every": steps,
+              **stage_values("vqvae", old, extra)}
+    with quiet():
+        run_id = train_vqvae(build_config(VQConfig, values))
+    m = run_metrics(run_id)
+    return run_id, {"psnr": m["val/psnr"], "usage": m["val/codebook_usage"], "perplexity": m["val/perplexity"],
+                    "train_usage": m["train/codebook_usage"]}
+
+
+def conditional(manifest: Path, features, steps: int, old: bool, per_class: int,
+                vq_extra: dict | None = None) -> dict[str, float]:
+    """Tokenizer + transformer at `steps` each; the classifier's accuracy on samples of every class."""
+    vq_id, vq = tokenizer(manifest, steps, old, **(vq_extra or {}))
+    with quiet():
+        q_id = quantize(QuantizeConfig(vqvae_run_id=vq_id, num_workers=0))
+    res = sample_accuracy(q_id, manifest, features, steps, per_class, stage_values("train", old, {}),
+                          stage_values("generate", old, {}))
+    return {**res, "psnr": vq["psnr"], "usage": vq["usage"]}
+
+
+def sample_accuracy(q_id: str, manifest: Path, features, steps: int, per_class: int, train_extra: dict,
+                    gen_extra: dict, train_run_id: str | None = None) -> dict[str, float]:
+    """Train a transformer on a quantize run (unless `train_run_id` is given), sample `per_class` of every class,
+    decode them and read them with the classifier; the transformer run is returned too, for more sampling."""
+    with quiet():
+        if train_run_id is None:
+            train_run_id = train_transformer(build_config(GPTTrainConfig, {
+                "quantize_run_id": q_id, "max_steps": steps, "sample_every": 0, "ckpt_every": steps,
+                "val_every": steps, **train_extra}))
+        n_classes = len(json.loads(download(q_id, "vocab.json").read_text())["classes"])
+        gen_id = run_generate(build_config(GenerateConfig, {
+            "transformer_run_id": train_run_id, "num_samples": n_classes * per_class, **gen_extra}))
+        dec_id = decode(build_config(DecodeConfig, {"run_id": gen_id, "max_images": n_classes * per_class}))
+    labels = np.asarray(json.loads(download(gen_id, "settings.json").read_text())["sample_labels"])
+    paths = sorted(download(dec_id, "images").glob("*.png"))
+    clf, real = classifier(manifest, features)
+    pred = clf.predict(np.stack([features(p) for p in paths]))
+    return {"accuracy": float((pred == labels).mean()), "real": real, "train_run_id": train_run_id,
+            "val_loss": run_metrics(train_run_id)["val/loss"]}
+
+
+def table(title: str, rows: dict[str, tuple[float, float]], fmt: dict[str, str]) -> None:
+    print(f"\n{title}\n{'':24} {'old defaults':>13} {'new defaults':>13}")
+    for k, (a, b) in rows.items():
+        print(f"{k:24} {format(a, fmt[k]):>13} {format(b, fmt[k]):>13}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="training steps per stage")
+    parser.add_argument("--only", choices=["tokenizer", "shapes", "digits"], action="append",
+                        help="run only these parts (repeatable; default: all)")
+    parser.add_argument("--per-class", type=int, default=30, help="samples per class to classify")
+    args = parser.parse_args()
+    parts = args.only or ["tokenizer", "shapes", "digits"]
+    torch.set_num_threads(1)  # tiny models: a second thread only waits on the first on a busy 2-core machine
+    work = scratch_tracking()
+    print(f"machine: {machine()}; {args.steps} steps per stage")
+    fmt = {"val PSNR (dB)": ".1f", "codebook usage": ".1%", "perplexity": ".0f", "sample accuracy": ".1%",
+           "real held-out accuracy": ".1%", "transformer val loss": ".3f", "minutes": ".1f"}
+    if "tokenizer" in parts:
+        manifest = photo_patches(work / "photos")
+        res = {}
+        for old in (True, False):
+            t0 = time.perf_counter()
+            res[old] = tokenizer(manifest, args.steps, old)[1]
+            res[old]["minutes"] = (time.perf_counter() - t0) / 60
+        table("tokenizer, 32-px photo patches (256 codes, batch 16)",
+              {"val PSNR (dB)": (res[True]["psnr"], res[False]["psnr"]),
+               "codebook usage": (res[True]["usage"], res[False]["usage"]),
+               "perplexity": (res[True]["perplexity"], res[False]["perplexity"]),
+               "minutes": (res[True]["minutes"], res[False]["minutes"])}, fmt)
+    for name in ("shapes", "digits"):
+        if name not in parts:
+            continue
+        if name == "shapes":
+            manifest, features = shapes(work / "shapes"), shape_features
+        else:
+            manifest, features = write_digits(work / "digits"), digit_features
+        res = {}
+        for old in (True, False):
+            t0 = time.perf_counter()
+            res[old] = conditional(manifest, features, args.steps, old, args.per_class,
+                                   {"flip": False} if name == "digits" else None)
+            res[old]["minutes"] = (time.perf_counter() - t0) / 60
+        table(f"class-conditional {name}: {args.per_class} samples per class",
+              {"sample accuracy": (res[True]["accuracy"], res[False]["accuracy"]),
+               "real held-out accuracy": (res[True]["real"], res[False]["real"]),
+               "val PSNR (dB)": (res[True]["psnr"], res[False]["psnr"]),
+               "codebook usage": (res[True]["usage"], res[False]["usage"]),
+               "transformer val loss": (res[True]["val_loss"], res[False]["val_loss"]),
+               "minutes": (res[True]["minutes"], res[False]["minutes"])}, fmt)
+
+
+if __name__ == "__main__":
+    main()
