@@ -2,7 +2,8 @@
 
 A field's ``metadata`` may hold ``help``, ``choices``, ``multiple`` (a repeatable option), a valid range
 (``ge``/``gt``/``le``/``lt``; for tuples, per item) and ``applies`` (a predicate on the config: whether the
-option means anything with the other options chosen; inapplicable options are not logged as params).
+option means anything with the other options chosen; inapplicable options are not logged as params) and
+``legacy`` (the behaviour of runs saved before the option existed, used when resuming them).
 Tuple fields are written on the command line as comma-separated lists ("1,2,4").
 
 Stage configs derive from `Config`, whose ``__post_init__`` checks every range and the config's own
@@ -29,7 +30,7 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 def opt(default: Any, help_: str, **meta: Any) -> Any:
     """A config field with its CLI help, and optionally ``choices``, ``multiple``, a range (``ge``, ``gt``,
     ``le``, ``lt``) and ``applies`` (predicate on the config) in the metadata."""
-    unknown = set(meta) - {"choices", "multiple", "cli", "applies", *_BOUNDS}
+    unknown = set(meta) - {"choices", "multiple", "cli", "applies", "legacy", *_BOUNDS}
     if unknown:
         raise TypeError(f"unknown option metadata {sorted(unknown)}")
     return dataclasses.field(default=default, metadata={"help": help_, **meta})
@@ -154,8 +155,10 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Rebuild a config saved with ``dataclasses.asdict`` (e.g. from a checkpoint), ignoring unknown keys."""
-    return build_config(cls, values)
+    """Rebuild a config saved with ``dataclasses.asdict`` (e.g. from a checkpoint), ignoring unknown keys; a field
+    the saved config predates takes its ``legacy`` value (what runs did before the option existed) if it has one."""
+    legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(cls) if "legacy" in f.metadata}
+    return build_config(cls, {**legacy, **values})
 
 
 def flat_values(cfg: Any) -> dict[str, Any]:

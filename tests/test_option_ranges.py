@@ -79,3 +79,13 @@ def test_pipeline_config_file_gets_the_same_error(tmp_path, tracking_dir, datase
     config.write_text("[train]\ngrad-accum = 0\n")
     res = invoke("pipeline", "--manifest", dataset, "--config", config)
     assert res.exit_code == 1 and "--grad-accum must be >= 1" in res.output, res.output
+
+
+def test_resumed_runs_keep_the_behaviour_of_options_they_predate():
+    from core.options import config_from_dict
+    from transformer.config import GPTTrainConfig
+
+    saved = {k: v for k, v in dataclasses.asdict(GPTTrainConfig(quantize_run_id="x")).items() if k != "pos_emb"}
+    assert config_from_dict(GPTTrainConfig, saved).pos_emb == "none"  # trained before positions existed
+    assert config_from_dict(GPTTrainConfig, {**saved, "pos_emb": "rowcol"}).pos_emb == "rowcol"
+    assert GPTTrainConfig().pos_emb == "rowcol"

@@ -15,6 +15,9 @@ class GPTTrainConfig(LoopOptions):
     n_head: int = opt(4, "Attention heads.", ge=1)
     n_embd: int = opt(128, "Embedding width.", ge=1)
     dropout: float = opt(0.0, "Dropout.", ge=0, lt=1)
+    pos_emb: str = opt("rowcol", "Position information: learned row/column embeddings of each code plus the relative "
+                                 "bias (rowcol), or the relative bias only (none).", choices=["rowcol", "none"],
+                       legacy="none")
     window_size: int = opt(0, "2-D local causal attention window w (0: full causal attention).", ge=0)
     label_dropout: float = opt(0.1, "Share of training sequences whose class token is replaced by the null token "
                                    "(enables classifier-free guidance).", ge=0, lt=1)

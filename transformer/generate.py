@@ -85,8 +85,7 @@ def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
         state, _ = load_checkpoint(run_id)
         weights_state, mcfg = state["model"], dict(state["model_config"])
         what = f"transformer checkpoint of run {run_id}"
-    mcfg["grid_shape"] = tuple(mcfg["grid_shape"])
-    model = GPT(GPTConfig(**mcfg))
+    model = GPT(GPTConfig.from_saved(mcfg))
     load_weights(model, weights_state, what)
     vocab = Vocab.load(download(find_upstream(run_id, "quantize").info.run_id, "vocab.json"))
     return model.to(device).eval(), vocab

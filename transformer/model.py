@@ -33,8 +33,7 @@ class GPTConfig(TokenLayout):
     n_embd: int
     window_size: int  # 0 = full causal attention
     dropout: float = 0.0
-    # "rowcol": learned row + column embeddings of each code; "none": relative bias only. Checkpoints saved
-    # before this field existed have no position tables and load as "none" (see GPT._load_without_positions).
+    # "rowcol": learned row + column embeddings of each code; "none": relative bias only (see from_saved)
     pos_emb: str = "rowcol"
 
     def __post_init__(self) -> None:
@@ -47,6 +46,11 @@ class GPTConfig(TokenLayout):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_emb not in POS_EMB:
             raise ValueError(f"pos_emb must be one of {POS_EMB}, got {self.pos_emb!r}")
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "GPTConfig":
+        """A config saved with ``dataclasses.asdict``; those saved before position embeddings existed had none."""
+        return cls(**{"pos_emb": "none", **saved})
 
     @property
     def window(self) -> int:
@@ -216,7 +220,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
-        self._register_load_state_dict_pre_hook(self._load_without_positions)
         self.block_sparse = True  # window models: windowed_attention in forward (False: the dense reference)
         self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._caches: list[KVCache] | None = None
@@ -229,13 +232,6 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-
-    def _load_without_positions(self, state_dict: dict, prefix: str, *args) -> None:
-        """A checkpoint from before position embeddings (GPTConfig rebuilt from its dict defaults to "rowcol") has
-        no position tables: drop ours and run as pos_emb="none", the model it was trained as."""
-        if self.row_emb is not None and not {prefix + "row_emb.weight", prefix + "col_emb.weight"} & state_dict.keys():
-            self.row_emb = self.col_emb = None
-            self.config.pos_emb = "none"
 
     def check_grid(self, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
         """The grid to use (default: the training grid); full attention only knows its training grid."""
