@@ -25,12 +25,8 @@ from core.tracking import (artifact_folder, connect, download, find_upstream, ge
                            stage_run, with_tracking_options)
 from core.weights import load_model_weights
 from transformer.model import GPT, GPTConfig
-from transformer.sample import generate
+from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, generate, guidance_scale
 from transformer.vocab import Vocab
-
-
-# the best of 1, 2, 3 on digits after 400 training steps (benchmarks/quality.py; 4 was no better)
-DEFAULT_CFG_SCALE = 3.0
 
 
 @dataclass
@@ -45,7 +41,7 @@ class GenerateConfig(Config):
                                        "for unconditional ones.", ge=0)
     temperature: float = opt(1.0, "Softmax temperature.", gt=0)
     # 10-20 read best on digits (cfg 3: none 49%, k=50 43%, k=20 56%, k=10 60% of samples as the class asked for)
-    top_k: int = opt(20, "Keep the k most likely codes (0: all).", ge=0)
+    top_k: int = opt(DEFAULT_TOP_K, "Keep the k most likely codes (0: all).", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass.", gt=0, le=1)
     seed: int = opt(0, "Random seed: the same seed gives the same samples.", ge=0)
     best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.", ge=1)
@@ -134,7 +130,7 @@ def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int 
 
 def run_name_parts(cfg: GenerateConfig) -> tuple[str, ...]:
     """The sampling options that tell generate runs apart, for the run name (e.g. cfg2-k100-s0)."""
-    parts = [f"cfg{cfg.cfg_scale:g}" if cfg.cfg_scale != 1 else "", f"T{cfg.temperature:g}" if cfg.temperature != 1
+    parts = [f"cfg{cfg.cfg_scale:g}" if cfg.cfg_scale not in (None, 1) else "", f"T{cfg.temperature:g}" if cfg.temperature != 1
              else "", f"k{cfg.top_k}" if cfg.top_k else "", f"p{cfg.top_p:g}" if cfg.top_p < 1 else "",
              f"best{cfg.best_of}" if cfg.best_of > 1 else "", "completion" if cfg.context_image else "",
              cfg.latent_size or "", f"s{cfg.seed}"]
@@ -153,7 +149,7 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
         labels, names = sample_labels(cfg, vocab)
-        cfg_scale = 1.0 if labels is None else DEFAULT_CFG_SCALE if cfg.cfg_scale is None else cfg.cfg_scale
+        cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
         vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
         tokenizer = load_tokenizer(vqvae_run_id, rt.device)
         context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None

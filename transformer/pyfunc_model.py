@@ -28,7 +28,7 @@ from core.images import to_pil
 from core.mlflow_models import log_pyfunc, png_base64
 from core.weights import load_weights_folder, save_weights
 from transformer.model import GPT, GPTConfig
-from transformer.sample import generate
+from transformer.sample import DEFAULT_TOP_K, generate, guidance_scale
 from transformer.vocab import Vocab
 from vqvae.pyfunc_model import load_tokenizer_folder, write_tokenizer_folder
 
@@ -36,7 +36,8 @@ KIND = "transformer"
 VOCAB_FILE = "vocab.json"
 MAX_SAMPLES = 256  # per request row: a served model must not be asked for unbounded work
 OPTIONS = {"label": ("string", None), "num_samples": ("long", 1), "seed": ("long", 0), "temperature": ("double", 1.0),
-           "top_k": ("long", 0), "top_p": ("double", 1.0), "cfg_scale": ("double", 1.0)}
+           "top_k": ("long", DEFAULT_TOP_K), "top_p": ("double", 1.0),
+           "cfg_scale": ("double", None)}  # None: the default for conditional models, off for unconditional ones
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(kind, name, required=False) for name, (kind, _) in OPTIONS.items()]),
     outputs=Schema([ColSpec("string", "label", required=False), ColSpec("string", "image")]))
@@ -47,7 +48,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         folder = Path(context.artifacts["generator"])
         state, config, _ = load_weights_folder(folder, KIND)
-        self.gpt = GPT(GPTConfig(**config))
+        self.gpt = GPT(GPTConfig.from_saved(config))
         self.gpt.load_state_dict(state)
         self.gpt.to(self.device).eval()
         self.vocab = Vocab.load(folder / VOCAB_FILE)
@@ -63,7 +64,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"label": labels, "image": images})
 
     def _sample(self, label: str | None, num_samples: int, seed: int, temperature: float, top_k: int, top_p: float,
-                cfg_scale: float) -> list:
+                cfg_scale: float | None) -> list:
         if not 1 <= num_samples <= MAX_SAMPLES:
             raise MlflowException(f"num_samples must be 1..{MAX_SAMPLES}, got {num_samples}", INVALID_PARAMETER_VALUE)
         labels, name = None, None
@@ -74,7 +75,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
                 raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
             labels, name = torch.full((int(num_samples),), class_id), self.vocab.classes[class_id]
         try:
-            codes, _ = generate(self.gpt, int(num_samples), labels=labels, cfg_scale=float(cfg_scale),
+            codes, _ = generate(self.gpt, int(num_samples), labels=labels,
+                                cfg_scale=guidance_scale(cfg_scale, labels is not None),
                                 temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p),
                                 seed=int(seed))
         except ValueError as exc:  # out-of-range sampling options

@@ -9,6 +9,17 @@ from tqdm import tqdm
 
 from .model import GPT
 
+# Sampling defaults, shared by `generate` and the served generator (measured on the digits: README "Defaults").
+DEFAULT_TOP_K = 20
+DEFAULT_CFG_SCALE = 3.0  # best of 1/2/3 (4 no better); conditional models only: guidance contrasts classes
+
+
+def guidance_scale(requested: float | None, conditional: bool) -> float:
+    """The guidance scale to sample with: as requested, else the default for conditional models (1 = off)."""
+    if requested is None:
+        return DEFAULT_CFG_SCALE if conditional else 1.0
+    return requested
+
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Set logits below the k-th largest (per row) to -inf; ties with the k-th value are all kept."""
