@@ -282,3 +282,18 @@ def test_transformer_trains_compiled(quantize_run, quick_compile):
     res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT, "--max-steps", "3", "--compile")
     assert res.exit_code == 0, res.output
     assert load_checkpoint(last_line(res.stdout))[0]["step"] == 3
+
+
+def test_exported_model_holds_the_weight_average(tracking_dir, dataset):
+    """With --ema-weights the run's weights-only model (what inference and export use) is the average."""
+    from core.checkpoint import load_checkpoint
+    from core.weights import load_model_weights
+
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "3", "--ema-weights", "0.5")
+    assert res.exit_code == 0, res.output
+    run_id = last_line(res.stdout)
+    exported, _, _ = load_model_weights(run_id, "vqvae")
+    ckpt, _ = load_checkpoint(run_id)
+    average = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    w = "encoder.conv_in.weight"
+    assert torch.equal(exported[w], average[w]) and not torch.equal(exported[w], ckpt["model"][w])
