@@ -29,7 +29,7 @@ from core.options import build_config  # noqa: E402
 from core.tracking import connect, download  # noqa: E402
 from transformer.generate import GenerateConfig, run_generate  # noqa: E402
 from vqvae.decode import DecodeConfig, decode  # noqa: E402
-from workflows.demo import FULL, IMAGE_SIZE  # noqa: E402
+from workflows.demo import FULL, IMAGE_SIZE, MANIFEST  # noqa: E402
 
 
 def features(path: Path) -> np.ndarray:
@@ -66,7 +66,7 @@ def score(out: Path, paths: list[Path], labels: list[str]) -> tuple[float, pd.Se
     """Accuracy on the real val split, and per digit on the samples, of an SVM fit on the train split."""
     from sklearn.svm import SVC
 
-    manifest = pd.read_csv(out / "manifest.csv", dtype=str)
+    manifest = pd.read_csv(out / MANIFEST, dtype=str)
     x = np.stack([features(out / p) for p in manifest.image_path])
     train, val = (manifest.split == "train").to_numpy(), (manifest.split == "val").to_numpy()
     clf = SVC().fit(x[train], manifest.label[train])

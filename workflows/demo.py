@@ -16,6 +16,7 @@ from workflows.pipeline import run_pipeline
 
 IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (bicubic); benchmarks/demo_quality.py undoes it with a 4x4 box
 SAMPLES_PER_DIGIT = 4
+MANIFEST = "digits.csv"  # its file name names the data in run names: vqvae-digits-...
 
 # Tuned with benchmarks/demo_quality.py: about 4.5 minutes on 2 CPU cores; a digit classifier reads ~93% of the
 # samples as the digit asked for (8 is the weakest).
@@ -62,7 +63,7 @@ def write_digits(out: Path, per_digit: int | None = None) -> Path:
         gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).save(out / name)
         rows.append(f"{name},{label},{'val' if seen[label] % 8 == 7 else 'train'}")
         seen[label] += 1
-    manifest = out / "digits.csv"
+    manifest = out / MANIFEST
     manifest.write_text("\n".join(rows) + "\n")
     return manifest
 
