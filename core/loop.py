@@ -35,7 +35,7 @@ def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: d
         if rt.is_main:
             connect(tracking_uri, experiment)
             if resume_run_id:
-                get_run(resume_run_id, stage)
+                resume_run_id = get_run(resume_run_id, stage).info.run_id  # a models:/ URI names its source run
                 state, slot = load_checkpoint(resume_run_id)
                 cfg = resolve_resume_config(state, overrides or {}, type(cfg), resume_run_id)
         state, cfg = broadcast_from_main(rt, state, cfg)

@@ -122,6 +122,13 @@ def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
         run = client.get_run(last_line(res.stdout))
         assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == "q-by-alias"
         assert f"/runs/{vq})" in run.data.tags["mlflow.note.content"]
+    # --resume and --init-from take model references too
+    res = invoke("train-vqvae", "--resume", "models:/ux-tok@prod", "--max-steps", "3")
+    assert res.exit_code == 0 and last_line(res.stdout) == vq, res.output
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "1", "--init-from", "models:/ux-tok/1",
+                 "--experiment", "ux-registry")
+    assert res.exit_code == 0, res.output
+    assert client.get_run(last_line(res.stdout)).data.tags["init_from"] == vq
 
 
 def test_unknown_model_reference_is_a_one_line_error(tracking_dir):

@@ -14,7 +14,7 @@ import torch
 from core.errors import UserError
 from core.options import flat_values
 from core.runtime import Runtime, broadcast_from_main
-from core.tracking import NOTE_TAG, connect, stage_run, with_tracking_options
+from core.tracking import NOTE_TAG, connect, get_run, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig, VQModelConfig
 from vqvae.convert import (FORMATS, OfficialWeights, check_same, default_image_size, fresh_statistics,
@@ -94,6 +94,7 @@ def init_from_run(rt: Runtime, cfg: VQConfig, explicit: dict[str, Any] | None
     bookkeeping restarted. An explicitly given architecture option that differs is an error."""
     state = None
     if rt.is_main:
+        cfg = dataclasses.replace(cfg, init_from=get_run(cfg.init_from, "vqvae").info.run_id)  # models:/ -> run
         model, src, _ = load_vq_model(cfg.init_from)
         given, have = flat_values(cfg), flat_values(src)
         clash = next((k for k in ARCHITECTURE if k in (explicit or {}) and given[k] != have[k]), None)
