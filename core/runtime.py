@@ -55,13 +55,10 @@ class Runtime:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
 
-    def all_ranks(self, flag: bool | torch.Tensor) -> bool:
-        """True only if ``flag`` holds on every rank, so that all ranks take the same branch (e.g. skip a step)."""
-        return self.all_ranks_each(flag)[0]
-
     def all_ranks_each(self, *flags: bool | torch.Tensor) -> list[bool]:
-        """`all_ranks` for several flags at once. Flags may be device tensors: one all-reduce and one host read
-        for all of them (the training step's one host synchronisation)."""
+        """For each flag, True only if it holds on every rank, so that all ranks take the same branch (e.g. skip a
+        step). Flags may be device tensors: one all-reduce and one host read for all of them (the training step's
+        one host synchronisation)."""
         t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).to(torch.int32) for f in flags])
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
