@@ -103,3 +103,11 @@ def vqvae_run(tracking_dir, dataset) -> str:
     res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4")
     assert res.exit_code == 0, res.output
     return last_line(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def quantize_run(vqvae_run) -> str:
+    """The shared tokenizer's quantize run (one per test module that asks for it)."""
+    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    return last_line(res.stdout)

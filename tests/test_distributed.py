@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 
 from conftest import ROOT, TINY_GPT, TINY_VQ, invoke, last_line
@@ -108,13 +107,6 @@ def test_train_vqvae_with_ddp(tracking_dir, dataset, tmp_path):
     assert res.exit_code == 0, res.output
     assert steps(run_id, "train/total_loss") == [1, 3, 4, 5, 6]
     assert load_checkpoint(run_id)[0]["step"] == 6
-
-
-@pytest.fixture(scope="module")
-def quantize_run(vqvae_run) -> str:
-    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
-    assert res.exit_code == 0, res.output
-    return last_line(res.stdout)
 
 
 def test_train_transformer_with_ddp(quantize_run, tmp_path):

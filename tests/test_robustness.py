@@ -184,13 +184,6 @@ def test_vqvae_steps_read_the_device_once(tracking_dir, dataset, monkeypatch):
     assert per_step[1:] == [1] * 3, per_step  # the non-finite check of the step; logs are read when logged
 
 
-@pytest.fixture(scope="module")
-def quantize_run(vqvae_run) -> str:
-    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
-    assert res.exit_code == 0, res.output
-    return last_line(res.stdout)
-
-
 def test_transformer_steps_read_the_device_once(quantize_run, monkeypatch):
     marks = count_host_reads(monkeypatch)
     res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT, *QUIET, "--max-steps", "5",
