@@ -9,11 +9,11 @@ from transformer.model import GPT, GPTConfig, attention_index, position_index, w
 
 
 def tiny(window: int = 0, grid=(4, 5), classes: int = 3, K: int = 11, dtype=torch.float64, seed: int = 0,
-         pos_emb: str = "rowcol") -> GPT:
+         pos_emb: str = "rowcol", rel_bias: bool = True) -> GPT:
     """A tiny model with large random weights (incl. the position bias and embeddings) so positions matter."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(K, classes, grid, n_layer=2, n_head=2, n_embd=16, window_size=window,
-                          pos_emb=pos_emb)).to(dtype)
+                          pos_emb=pos_emb, rel_bias=rel_bias)).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.4)
@@ -103,9 +103,9 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-@pytest.mark.parametrize("pos_emb", ["rowcol", "none"])
-def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_emb):
-    model = tiny(window, grid, pos_emb=pos_emb)
+@pytest.mark.parametrize("pos_emb,rel_bias", [("rowcol", True), ("none", True), ("rowcol", False)])
+def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_emb, rel_bias):
+    model = tiny(window, grid, pos_emb=pos_emb, rel_bias=rel_bias)
     H, W = gen_grid
     with torch.inference_mode():
         tokens = torch.randint(11, (3, 1 + H * W))
@@ -204,6 +204,35 @@ def test_block_sparse_model_equals_dense(T):
     model.block_sparse = True
     (g_sparse,) = torch.autograd.grad(model(tokens).square().sum(), model.blocks[0].attn.rel_bias)
     torch.testing.assert_close(g_sparse, g_dense, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window,T", [(0, 21), (0, 8), (2, 21), (2, 13)])
+def test_no_rel_bias_equals_zero_bias(window, T):
+    """--no-rel-bias is the biased model with its bias at zero; full attention then takes SDPA's causal kernel
+    with no mask (what reaches flash/efficient attention on GPU), window models keep their mask."""
+    plain = tiny(window, rel_bias=False)
+    assert all(blk.attn.rel_bias is None for blk in plain.blocks)
+    biased = tiny(window)
+    with torch.no_grad():
+        for blk in biased.blocks:
+            blk.attn.rel_bias.zero_()
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    tokens = torch.randint(11, (2, T))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "scaled_dot_product_attention", spy)
+        out = plain(tokens)
+    torch.testing.assert_close(out, biased(tokens), rtol=1e-10, atol=1e-10)
+    if window == 0:
+        assert calls and all(c.get("is_causal") and c.get("attn_mask") is None for c in calls)
+    with pytest.raises(ValueError, match="pos_emb='rowcol'"):
+        tiny(window, pos_emb="none", rel_bias=False)
 
 
 def test_position_index_rule():

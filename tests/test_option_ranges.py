@@ -89,3 +89,9 @@ def test_resumed_runs_keep_the_behaviour_of_options_they_predate():
     assert config_from_dict(GPTTrainConfig, saved).pos_emb == "none"  # trained before positions existed
     assert config_from_dict(GPTTrainConfig, {**saved, "pos_emb": "rowcol"}).pos_emb == "rowcol"
     assert GPTTrainConfig().pos_emb == "rowcol"
+
+
+def test_train_option_pairs_are_one_line_errors(tracking_dir):
+    res = invoke("train", "--quantize-run-id", "0" * 32, "--no-rel-bias", "--pos-emb", "none")
+    assert res.exit_code == 1 and "--no-rel-bias needs --pos-emb rowcol" in res.output, res.output
+    assert "Traceback" not in res.output

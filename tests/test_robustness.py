@@ -193,6 +193,19 @@ def test_transformer_steps_read_the_device_once(quantize_run, monkeypatch):
     assert per_step[1:] == [1] * 3, per_step
 
 
+def test_plain_causal_model_trains_and_generates(quantize_run):
+    """--no-rel-bias reaches the model (no bias parameters, plain causal attention) and generate loads it."""
+    from transformer.generate import load_transformer
+
+    res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT, *QUIET, "--no-rel-bias")
+    assert res.exit_code == 0, res.output
+    run = last_line(res.stdout)
+    model, _ = load_transformer(run, torch.device("cpu"))
+    assert not model.config.rel_bias and all(blk.attn.rel_bias is None for blk in model.blocks)
+    gen = invoke("generate", "--transformer-run-id", run, "--num-samples", "2")
+    assert gen.exit_code == 0, gen.output
+
+
 # --- exact resume with workers; weight EMA -------------------------------------------------------------------
 
 def test_vqvae_resume_is_exact_with_workers_codebook_init_and_ema(tracking_dir, dataset):

@@ -18,6 +18,9 @@ class GPTTrainConfig(LoopOptions):
     pos_emb: str = opt("rowcol", "Position information: learned row/column embeddings of each code plus the relative "
                                  "bias (rowcol), or the relative bias only (none).", choices=["rowcol", "none"],
                        legacy="none")
+    rel_bias: bool = opt(True, "Learned relative-position bias in attention. --no-rel-bias with --pos-emb rowcol is "
+                               "the official model's plain causal attention: full-attention models then run the "
+                               "fused flash/efficient attention kernels on GPU.")
     window_size: int = opt(0, "2-D local causal attention window w (0: full causal attention).", ge=0)
     label_dropout: float = opt(0.1, "Share of training sequences whose class token is replaced by the null token "
                                    "(enables classifier-free guidance).", ge=0, lt=1)
@@ -36,5 +39,7 @@ class GPTTrainConfig(LoopOptions):
     def check(self) -> None:
         if self.n_embd % self.n_head:
             raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        if not self.rel_bias and self.pos_emb == "none":
+            raise UserError("--no-rel-bias needs --pos-emb rowcol: without both the model has no position information")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")

@@ -35,6 +35,9 @@ class GPTConfig(TokenLayout):
     dropout: float = 0.0
     # "rowcol": learned row + column embeddings of each code; "none": relative bias only (see from_saved)
     pos_emb: str = "rowcol"
+    # learned relative-position bias in attention; without it (and with rowcol embeddings, like the official
+    # model) full attention is plain causal attention and runs SDPA's fused flash/efficient kernels
+    rel_bias: bool = True
 
     def __post_init__(self) -> None:
         self.grid_shape = tuple(int(s) for s in self.grid_shape)  # checkpoints round-trip it as a list
@@ -46,6 +49,8 @@ class GPTConfig(TokenLayout):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_emb not in POS_EMB:
             raise ValueError(f"pos_emb must be one of {POS_EMB}, got {self.pos_emb!r}")
+        if not self.rel_bias and self.pos_emb == "none":
+            raise ValueError("a model without the relative bias needs pos_emb='rowcol': it would have no positions")
 
     @classmethod
     def from_saved(cls, saved: dict) -> "GPTConfig":
@@ -112,8 +117,11 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, index:
     gather = lambda t: F.pad(rows(t), (0, 0, 0, 0, w - 1, 0)).unfold(2, w, 1).permute(0, 1, 2, 5, 3, 4)  # noqa: E731
     keys, values = gather(k).reshape(B, h, H, w * W, hd), gather(v).reshape(B, h, H, w * W, hd)
     qr = rows(q) * (1.0 / math.sqrt(hd))
-    prefix_score = qr @ k[:, :, None, :1].mT + rel_bias[:, -1, None, None, None].to(q.dtype)  # (B, h, H, W, 1)
-    code_score = qr @ keys.mT + (rel_bias[:, index].to(q.dtype)[:, None] + mask)  # (B, h, H, W, w*W)
+    prefix_score = qr @ k[:, :, None, :1].mT  # (B, h, H, W, 1)
+    if rel_bias is not None:
+        prefix_score = prefix_score + rel_bias[:, -1, None, None, None].to(q.dtype)
+        mask = rel_bias[:, index].to(q.dtype)[:, None] + mask
+    code_score = qr @ keys.mT + mask  # (B, h, H, W, w*W)
     att = torch.cat([prefix_score, code_score], -1).softmax(-1)
     att = F.dropout(att, dropout_p) if dropout_p else att
     y = att[..., :1] @ v[:, :, None, :1] + att[..., 1:] @ values  # (B, h, H, W, hd)
@@ -137,25 +145,25 @@ def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class KVCache:
-    """One layer's keys and values, kv (B, 2, h, S, hd): a ring of the last R code rows plus prefix copies.
+    """One layer's keys and values, kv (2, B, h, S, hd): a ring of the last R code rows plus prefix copies.
 
     Grid row i lives in ring row i % R; GPT.setup_cache orders the slots (and puts copies of the prefix among
     them) so that what one decode step may see, prefix included, is a single contiguous range: a view, read by
-    one attention call, with nothing copied.
+    one batched matmul per product (keys and values each (B*h, S, hd) with no copy), with nothing gathered.
     """
 
     def __init__(self, batch: int, n_head: int, head_dim: int, slots: int, slot_of_code: Tensor,
                  prefix_slots: Tensor, dtype: torch.dtype) -> None:
         self.slot_of_code, self.prefix_slots = slot_of_code, prefix_slots  # (H*W,), (P,)
         self.code_slots = slots - prefix_slots.numel()
-        self.kv = torch.zeros(batch, 2, n_head, slots, head_dim, device=slot_of_code.device, dtype=dtype)
+        self.kv = torch.zeros(2, batch, n_head, slots, head_dim, device=slot_of_code.device, dtype=dtype)
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Store a prefill's keys/values (B, h, T, hd): the prefix, then the codes still inside the ring."""
-        self.kv[:, :, :, self.prefix_slots] = torch.stack((k[:, :, 0], v[:, :, 0]), 1)[:, :, :, None]
+        self.kv[:, :, :, self.prefix_slots] = torch.stack((k[:, :, :1], v[:, :, :1]))
         first = max(0, k.shape[2] - 1 - self.code_slots)  # older codes are out of every later window
         slot = self.slot_of_code[first:k.shape[2] - 1]  # consecutive codes land in distinct slots
-        self.kv[:, :, :, slot] = torch.stack((k[:, :, 1 + first:], v[:, :, 1 + first:]), 1)
+        self.kv[:, :, :, slot] = torch.stack((k[:, :, 1 + first:], v[:, :, 1 + first:]))
 
 
 class Attention(nn.Module):
@@ -168,12 +176,12 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.window = config.window
         # per-head bias: columns di*2w + dj + w for code keys, last column for the prefix key
-        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1))
+        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1)) if config.rel_bias else None
 
-    def forward(self, x: Tensor, index: Tensor, mask: Tensor, grid: tuple[int, int] | None = None,
+    def forward(self, x: Tensor, index: Tensor | None, mask: Tensor | None, grid: tuple[int, int] | None = None,
                 cache: KVCache | None = None) -> Tensor:
-        """Dense masked attention with (T, T) index/mask; or, with `grid` (a window model, x covering the whole
-        grid), windowed_attention with window_rows_index's index/mask."""
+        """Dense masked attention with (T, T) index/mask, or plain causal attention if both are None; or, with
+        `grid` (a window model, x covering the whole grid), windowed_attention with window_rows_index's."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
@@ -181,8 +189,10 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if grid is not None:
             y = windowed_attention(q, k, v, self.rel_bias, index, mask, grid, self.window, p)
+        elif mask is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            bias = self.rel_bias[:, index].to(q.dtype) + mask  # the gather keeps the table differentiable
+            bias = mask if self.rel_bias is None else self.rel_bias[:, index].to(q.dtype) + mask  # differentiable gather
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p)  # 4-D: the fused CPU kernel
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -278,6 +288,8 @@ class GPT(nn.Module):
             sub = (rows, grid[1])
             x = F.pad(x, (0, 0, 0, 1 + rows * grid[1] - T))
             args = (*self._attention_index(sub, tokens.device, dtype, True), sub)
+        elif not self.config.rel_bias and not self.config.window_size:
+            args = (None, None, None)  # plain causal attention
         else:
             index, mask = self._attention_index(grid, tokens.device, dtype, False)
             args = (index[:T, :T], mask[:T, :T], None)
@@ -334,7 +346,10 @@ class GPT(nn.Module):
         # positions sharing a bias pattern share a table row: the tables stay small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
         self._pattern_index, self._pattern_mask = patterns.clamp(min=0), _additive(patterns >= 0, dtype)
-        self._rel_bias = torch.stack([blk.attn.rel_bias for blk in self.blocks]).to(dtype)  # every layer's, one gather
+        # every layer's bias table as rows (layer, head): one index_select per step gathers them all
+        n_bias = 2 * w * w + 1
+        self._rel_bias = torch.cat([torch.zeros(self.config.n_head, n_bias, device=dev) if blk.attn.rel_bias is None
+                                    else blk.attn.rel_bias for blk in self.blocks]).to(dtype)
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
@@ -372,27 +387,32 @@ class GPT(nn.Module):
         return self._decode(token, pos, slot, slice(start, start + length), self._decode_bias(pattern, length))
 
     def _decode_bias(self, pattern: int, length: int) -> Tensor:
-        """Every layer's attention mask (layers, 1, h, 1, length) over the first `length` slots a step reads: 4-D
-        per layer, which takes SDPA's fused CPU kernel (3-D masks take its slow reference path)."""
+        """Every layer's scores before the keys: relative bias + mask over the first `length` slots a step reads,
+        (layers, B*h, 1, length), laid out per batch row so each layer's baddbmm adds it as it multiplies."""
         index, mask = self._pattern_index[pattern, :length], self._pattern_mask[pattern, :length]
-        return (self._rel_bias[:, :, index] + mask)[:, None, :, None]
+        n, B, h = len(self.blocks), self._cache_key[0], self.config.n_head
+        bias = (self._rel_bias.index_select(1, index) + mask).view(n, 1, h, 1, length)
+        return bias.expand(n, B, h, 1, length).reshape(n, B * h, 1, length)
 
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
                 bias: Tensor) -> Tensor:
         """One token through every layer: write its keys/values into ring slot `slot`, attend to the ring's
-        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with masks bias (layers, 1, h, 1, L)."""
+        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with scores starting from
+        bias (layers, B*h, 1, L). Attention is two batched matmuls over (B*h) rows of the cache, which read the
+        keys and values in place: on CPU 1.6-1.8x faster than SDPA's fused kernel for a single query."""
         x = self.tok_emb(token)
         if pos is not None:
             x = x + pos
         B, C = x.shape
         nh = self.config.n_head
+        hd = C // nh
         for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_fc, b_fc, w_out, b_out), cache, mask in zip(
                 self._weights, self._caches, bias):
-            qkv = torch.addmm(b_qkv, F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv).view(B, 3, nh, -1)
-            cache.kv[:, :, :, slot] = qkv[:, 1:]
-            kv = cache.kv[:, :, :, window]
-            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[:, 0], kv[:, 1], attn_mask=mask)
-            x = x + torch.addmm(b_proj, y.reshape(B, C), w_proj)
+            qkv = torch.addmm(b_qkv, F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv).view(B, 3, nh, hd)
+            cache.kv[:, :, :, slot] = qkv[:, 1:].transpose(0, 1)
+            k, v = cache.kv[:, :, :, window].flatten(1, 2).unbind()  # (B*h, L, hd) each
+            att = torch.baddbmm(mask, qkv[:, 0].reshape(B * nh, 1, hd), k.mT, alpha=hd ** -0.5).softmax(-1)
+            x = x + torch.addmm(b_proj, torch.bmm(att, v).view(B, C), w_proj)
             h = F.gelu(torch.addmm(b_fc, F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), w_fc))
             x = x + torch.addmm(b_out, h, w_out)
         return F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps) @ self._head_t

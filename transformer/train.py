@@ -124,7 +124,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_embd=cfg.n_embd, window_size=cfg.window_size, dropout=cfg.dropout,
-                         pos_emb=cfg.pos_emb)
+                         pos_emb=cfg.pos_emb, rel_bias=cfg.rel_bias)
         model = GPT(mcfg).to(rt.device)
         opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))
         scaler = rt.grad_scaler()
