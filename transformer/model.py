@@ -91,40 +91,48 @@ def attention_index(grid_shape: tuple[int, int], w: int, device: torch.device) -
 
 
 def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Bias columns (W, w*W) and visibility (H, W, w*W) for `windowed_attention`: query (i, j) against key
-    (r, c) of the w grid rows i-w+1..i (r = 0 is the oldest row). Rows above the grid are invisible."""
+    """Bias columns (W, w*(1+W)) and visibility (H, W, w*(1+W)) for `windowed_attention`: query (i, j) against
+    key (r, c) of the frame of the w grid rows i-w+1..i (r = 0 the oldest), c = 0 being the prefix's copy at the
+    head of each frame row and c = 1.. the codes. Only the own row's prefix copy and the rows inside the grid
+    are visible."""
     H, W = grid_shape
     j = torch.arange(W, device=device)[:, None]
-    r = torch.arange(w, device=device).repeat_interleave(W)[None]
-    c = torch.arange(W, device=device).repeat(w)[None]
-    index, visible = relative_index(torch.full_like(j, w - 1), j, r, c, w)
-    inside = r >= w - 1 - torch.arange(H, device=device)[:, None]  # (H, w*W): key row i-(w-1)+r >= 0
+    r = torch.arange(w, device=device).repeat_interleave(1 + W)[None]
+    c = torch.arange(1 + W, device=device).repeat(w)[None]
+    index, visible = relative_index(torch.full_like(j, w - 1), j, r, c - 1, w)
+    prefix = c == 0
+    index = torch.where(prefix, 2 * w * w, index)
+    visible = torch.where(prefix, r == w - 1, visible)
+    inside = r >= w - 1 - torch.arange(H, device=device)[:, None]  # (H, w*(1+W)): key row i-(w-1)+r >= 0
     return index, visible[None] & inside[:, None]
 
 
-def windowed_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, index: Tensor, mask: Tensor,
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor | None, index: Tensor, mask: Tensor,
                        grid_shape: tuple[int, int], w: int, dropout_p: float = 0.0) -> Tensor:
     """Block-sparse equivalent of the dense masked attention of a window model, (B, h, 1 + H*W, hd) each.
 
-    Every grid row's W queries attend to the prefix and the w*W codes of the w rows ending at their own (with
-    index (W, w*W) and additive mask (H, W, w*W) from window_rows_index) instead of all 1 + H*W keys: the
-    work falls by about H/w. The prefix query sees only itself, so its output is its own value.
+    Every grid row's W queries attend to a frame of w*(1+W) keys, the w rows ending at their own, each row
+    headed by a copy of the prefix (index (W, w*(1+W)) and additive mask (H, W, w*(1+W)) from
+    window_rows_index), instead of all 1 + H*W keys: the work falls by about H/w. The frames are overlapping
+    views of one (rows, (1+W)*hd) table, so the batched matmuls read them in place, with nothing gathered; a
+    frame reaching above the grid reads the previous head's last rows (or zero padding), which the mask hides.
+    The prefix query sees only itself, so its output is its own value.
     """
     B, h, _, hd = q.shape
     H, W = grid_shape
-    rows = lambda t: t[:, :, 1:].view(B, h, H, W, hd)  # noqa: E731
-    # the w rows ending at each row, as (B, h, H, w*W, hd): pad w-1 empty rows on top, slide a w-row frame
-    gather = lambda t: F.pad(rows(t), (0, 0, 0, 0, w - 1, 0)).unfold(2, w, 1).permute(0, 1, 2, 5, 3, 4)  # noqa: E731
-    keys, values = gather(k).reshape(B, h, H, w * W, hd), gather(v).reshape(B, h, H, w * W, hd)
-    qr = rows(q) * (1.0 / math.sqrt(hd))
-    prefix_score = qr @ k[:, :, None, :1].mT  # (B, h, H, W, 1)
+    n = B * h * H
+
+    def frames(t: Tensor) -> Tensor:  # (n, w*(1+W), hd): the frame of every (batch, head, grid row)
+        rows = torch.cat([t[:, :, :1, None].expand(B, h, H, 1, hd), t[:, :, 1:].view(B, h, H, W, hd)], 3)
+        table = F.pad(rows.view(n, (1 + W) * hd), (0, 0, w - 1, 0))
+        return table.unfold(0, w, 1).mT.reshape(n, w * (1 + W), hd)
+
+    scores = torch.bmm(q[:, :, 1:].reshape(n, W, hd) * (1.0 / math.sqrt(hd)), frames(k).mT).view(B, h, H, W, -1)
     if rel_bias is not None:
-        prefix_score = prefix_score + rel_bias[:, -1, None, None, None].to(q.dtype)
-        mask = rel_bias[:, index].to(q.dtype)[:, None] + mask
-    code_score = qr @ keys.mT + mask  # (B, h, H, W, w*W)
-    att = torch.cat([prefix_score, code_score], -1).softmax(-1)
+        mask = rel_bias[:, index].to(q.dtype)[:, None] + mask  # (h, H, W, w*(1+W))
+    att = (scores + mask).view(n, W, -1).softmax(-1)
     att = F.dropout(att, dropout_p) if dropout_p else att
-    y = att[..., :1] @ v[:, :, None, :1] + att[..., 1:] @ values  # (B, h, H, W, hd)
+    y = torch.bmm(att, frames(v))  # (n, W, hd)
     return torch.cat([v[:, :, :1], y.view(B, h, H * W, hd)], 2)
 
 
