@@ -115,6 +115,24 @@ def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_
     torch.testing.assert_close(cached, full[:, n_prefill - 1:], rtol=1e-10, atol=1e-10)
 
 
+def test_decode_weights_follow_weight_updates():
+    """setup_cache keeps its transposed weight copies until a weight changes in place (an optimizer step,
+    load_state_dict), then the decode step uses the new weights."""
+    model = tiny(window=2)
+    tokens = torch.randint(11, (2, 21))
+    with torch.inference_mode():
+        decode_all(model, tokens, (4, 5), 1)
+    kept = model._head_t
+    model.setup_cache(2)
+    assert model._head_t is kept  # unchanged weights: no new copies
+    with torch.no_grad():
+        model.blocks[1].mlp[2].weight.mul_(3)
+        model.head.weight.add_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(decode_all(model, tokens, (4, 5), 1), model(tokens), rtol=1e-10, atol=1e-10)
+    assert model._head_t is not kept
+
+
 def test_cache_memory_bounded_by_window():
     model = tiny(window=3, grid=(8, 8), dtype=torch.float32)
 

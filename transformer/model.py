@@ -243,6 +243,7 @@ class GPT(nn.Module):
         self._caches: list[KVCache] | None = None
         self._cache_key: tuple | None = None
         self._compiled = None  # torch.compile'd _decode, built on first use
+        self._weights_version: tuple | None = None  # of the decode step's weight copies
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -365,11 +366,16 @@ class GPT(nn.Module):
         self._slot_of_code, self._read_slots = write, slots
         self._steps = list(zip(write.tolist(), start.tolist(), length.tolist(), pattern_of.tolist()))
         self._positions = self.positions(grid)
-        # transposed copies of the weights: (B, C) @ (C, out) is faster than F.linear's (B, C) @ (out, C).T on CPU
-        t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
-        self._weights = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]), *t(blk.mlp[2]))
-                         for blk in self.blocks]
-        self._head_t = self.head.weight.t().contiguous()
+        # transposed copies of the weights: (B, C) @ (C, out) is faster than F.linear's (B, C) @ (out, C).T on CPU.
+        # Transposing 25 MB takes longer than 5 decode steps: redone only when a weight changed (its version counts
+        # in-place updates) or moved
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._weights_version != version:
+            self._weights_version = version
+            t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
+            self._weights = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]), *t(blk.mlp[2]))
+                             for blk in self.blocks]
+            self._head_t = self.head.weight.t().contiguous()
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
         if self._use_compiled and self._compiled is None:
