@@ -2,8 +2,10 @@
 
     python benchmarks/gpt_train_speed.py [--quick] [--threads N] [--rounds R]
 
-A w=8 model on a 32x32 code grid (T = 1025), forward + backward + AdamW step on random codes, both paths on the
-same weights and batch, timed in alternation (fastest of R). Also checks that both give the same loss.
+1. A w=8 model on a 32x32 code grid (T = 1025), forward + backward + AdamW step on random codes, both paths on
+   the same weights and batch, timed in alternation (fastest of R). Also checks that both give the same logits.
+2. A full-attention model on the same grid with the relative bias (SDPA with a float mask) vs --no-rel-bias
+   (SDPA with is_causal: the fused flash/efficient kernels on GPU).
 """
 from __future__ import annotations
 
@@ -52,37 +54,62 @@ def main() -> None:
     torch.manual_seed(0)
     size, w, layers, heads, width, K = (8, 2, 2, 2, 32, 64) if args.quick else (args.grid, args.window, 4, 4, 128, 1024)
     model = GPT(GPTConfig(K, 0, (size, size), layers, heads, width, window_size=w)).train()
-    opt = model.configure_optimizers(weight_decay=0.01, lr=1e-4)
     seq = torch.randint(K, (args.batch_size, 1 + size * size))
     seq[:, 0] = model.config.sos_id
+    sparse_step = train_step(model, seq)
 
-    def step(sparse: bool) -> float:
-        model.block_sparse = sparse
-        loss = F.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def dense_step() -> None:
+        model.block_sparse = False
+        sparse_step()
+        model.block_sparse = True
 
     with torch.no_grad():
-        model.block_sparse = True
         sparse_logits = model(seq[:, :-1])
         model.block_sparse = False
         diff = (sparse_logits - model(seq[:, :-1])).abs().max().item()
-    best = {True: float("inf"), False: float("inf")}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for sparse in (True, False):
-            t0 = time.perf_counter()
-            step(sparse)
-            best[sparse] = min(best[sparse], time.perf_counter() - t0) if _ else best[sparse]
+        model.block_sparse = True
+    best = fastest({False: dense_step, True: sparse_step}, args.rounds)
     print(f"GPT training step — {machine()}, fp32, {time.strftime('%Y-%m-%d')}")
-    print(f"model {layers}L {heads}H {width}d K={K}, window w={w}, grid {size}x{size} (T={1 + size * size}), "
+    print(f"1. model {layers}L {heads}H {width}d K={K}, window w={w}, grid {size}x{size} (T={1 + size * size}), "
           f"batch {args.batch_size}, fastest of {args.rounds}; max |logit sparse - dense| = {diff:.1e}")
     att = attention_only(model, args.batch_size, args.rounds)
     print(f"  {'attention':<28}{'s/step':>9}{'seq/s':>9}{'speed-up':>10}{'attention only, s':>19}{'speed-up':>10}")
     for sparse, name in ((False, "dense masked (SDPA)"), (True, "block-sparse windowed")):
         print(f"  {name:<28}{best[sparse]:>9.3f}{args.batch_size / best[sparse]:>9.2f}"
               f"{best[False] / best[sparse]:>9.2f}x{att[sparse]:>19.3f}{att[False] / att[sparse]:>9.2f}x")
+
+    # 2. full attention: the relative bias (a float mask) vs --no-rel-bias (SDPA's causal kernel, flash on GPU)
+    models = {bias: GPT(GPTConfig(K, 0, (size, size), layers, heads, width, window_size=0, rel_bias=bias)).train()
+              for bias in (True, False)}
+    models[False].load_state_dict(models[True].state_dict(), strict=False)
+    best = fastest({bias: train_step(m, seq) for bias, m in models.items()}, args.rounds)
+    print(f"\n2. full attention, same model and grid: relative bias vs --no-rel-bias")
+    print(f"  {'attention':<38}{'s/step':>9}{'speed-up':>10}")
+    for bias, name in ((True, "relative bias: float mask (SDPA)"), (False, "--no-rel-bias: is_causal (SDPA)")):
+        print(f"  {name:<38}{best[bias]:>9.3f}{best[True] / best[bias]:>9.2f}x")
+
+
+def train_step(model: GPT, seq: torch.Tensor):
+    """One AdamW step of `model` on `seq`, as a function."""
+    opt = model.configure_optimizers(weight_decay=0.01, lr=1e-4)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def fastest(steps: dict, rounds: int) -> dict:
+    """Fastest of `rounds` timed calls of each step, called in alternation after one warm-up round."""
+    best = dict.fromkeys(steps, float("inf"))
+    for r in range(rounds + 1):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            best[key] = min(best[key], time.perf_counter() - t0) if r else best[key]
+    return best
 
 
 if __name__ == "__main__":
