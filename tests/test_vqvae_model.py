@@ -76,14 +76,46 @@ def test_bad_image_size():
         make_cfg(image_size=30, ch_mult=(1, 2, 2))
 
 
-def test_upsample_equals_nearest_then_conv():
-    """The folded sub-pixel Upsample computes taming's interpolate + 3x3 conv, values and gradients."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_upsample_equals_nearest_then_conv(memory_format):
+    """The folded sub-pixel Upsample computes taming's interpolate + 3x3 conv, values and gradients, in either
+    memory format."""
     torch.manual_seed(0)
     up = Upsample(5).double()
-    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     out = up(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (x, *up.parameters()), g), torch.autograd.grad(ref, (x, *up.parameters()), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_training_step_matches_the_taming_modules(memory_format):
+    """Forward, loss and every gradient equal those of the official modules (benchmarks/taming_reference.py)
+    loaded with the same weights, to fp32 rounding: guards the fused qkv, the folded Upsample and the in-place
+    activations (the quantizer computes in fp32, so fp32 it is)."""
+    from benchmarks import taming_reference as taming
+    from vqvae.convert import to_official
+
+    torch.manual_seed(0)
+    cfg = VQConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+                   embed_dim=32, codebook_size=16, code_dim=0, l2_norm=False, restart_after=0)
+    ours = VQModel(cfg).train()
+    ref = taming.VQModel(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_resolutions, cfg.image_size,
+                         cfg.z_channels, cfg.embed_dim, cfg.codebook_size).train()
+    ref.load_state_dict(to_official(ours.state_dict(), cfg, "taming"))
+    x = (torch.rand(2, 3, 16, 16, ) * 2 - 1).contiguous(memory_format=memory_format)
+    xrec, qloss, q = ours(x)
+    ref_rec, ref_qloss = ref(x)
+    assert torch.equal(q.indices.flatten(), ref.quantize(ref.quant_conv(ref.encoder(x)))[2])
+    torch.testing.assert_close(xrec, ref_rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qloss, ref_qloss, rtol=1e-5, atol=1e-7)
+    ((x - xrec).abs().mean() + qloss).backward()
+    ((x - ref_rec).abs().mean() + ref_qloss).backward()
+    grads = to_official({k: p.grad for k, p in ours.named_parameters()}, cfg, "taming")
+    ref_grads = dict(ref.named_parameters())
+    scale = max(g.abs().max() for g in grads.values())
+    for key, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[key].grad, rtol=1e-4, atol=1e-5 * scale, msg=key)
