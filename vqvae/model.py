@@ -26,9 +26,10 @@ class ResnetBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the residual added in place into conv2's output, which its backward does not read: one buffer fewer
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class AttnBlock(nn.Module):
@@ -44,7 +45,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)  # (b, 1, hw, c)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return self.proj(out.transpose(-1, -2).reshape(b, c, h, w)).add_(x)  # proj's backward does not read its output
 
 
 class Downsample(nn.Module):
@@ -74,7 +75,7 @@ class Upsample(nn.Module):
         fold = _FOLD.to(self.conv.weight)
         # phase kernels (a, b, out, in, 2, 2), stacked as 4 x out channels
         weight = torch.einsum("auy,bvx,oiyx->aboiuv", fold, fold, self.conv.weight).flatten(0, 2)
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, self.conv.bias.repeat(4))  # (B, 4C, h+1, w+1)
+        y = F.conv2d(x, weight, self.conv.bias.repeat(4), padding=1)  # (B, 4C, h+1, w+1)
         # phase (a, b) of output pixel (i, j) is y's phase-(a, b) channels at (i + a, j + b)
         y = y.view(b, 2, 2, c, h + 1, w + 1)
         # (b, c, h, 2, w, 2): row 2i + a, column 2j + e
