@@ -82,9 +82,17 @@ def test_forward_shapes_and_grid_checks():
         full(torch.zeros(1, 22, dtype=torch.long))
 
 
-def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: bool = False) -> torch.Tensor:
+def force_blas(model: GPT, batch: int, blas: str) -> None:
+    """Make setup_cache pick torch's or numpy's BLAS for the decode products instead of timing them."""
+    model._numpy_faster[(batch, next(model.parameters()).dtype, torch.get_num_threads())] = blas == "numpy"
+
+
+def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: bool = False,
+               blas: str = "torch") -> torch.Tensor:
     """Logits for positions n_prefill-1 ... T-1 via prefill + decode steps."""
+    force_blas(model, tokens.shape[0], blas)
     model.setup_cache(tokens.shape[0], grid)
+    assert model._use_numpy == (blas == "numpy")
     if static:  # the fixed-shape path that compile=True uses on CUDA, run eagerly
         model._use_compiled, model._compiled = True, model._decode
     out = [model.prefill(tokens[:, :n_prefill])]
@@ -102,16 +110,17 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (2, (4, 5), (9, 11), 40),  # larger grid with a long context (ring partly overwritten)
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("static,blas", [(False, "torch"), (False, "numpy"), (True, "torch")],
+                         ids=["eager", "eager-numpy", "static"])
 @pytest.mark.parametrize("pos_emb,rel_bias", [("rowcol", True), ("none", True), ("rowcol", False)])
-def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, pos_emb, rel_bias):
+def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, blas, pos_emb, rel_bias):
     model = tiny(window, grid, pos_emb=pos_emb, rel_bias=rel_bias)
     H, W = gen_grid
     with torch.inference_mode():
         tokens = torch.randint(11, (3, 1 + H * W))
         tokens[:, 0] = torch.tensor([model.config.sos_id, model.config.class_token(0), model.config.class_token(2)])
         full = model(tokens, gen_grid)
-        cached = decode_all(model, tokens, gen_grid, n_prefill, static)
+        cached = decode_all(model, tokens, gen_grid, n_prefill, static, blas)
     torch.testing.assert_close(cached, full[:, n_prefill - 1:], rtol=1e-10, atol=1e-10)
 
 
@@ -122,15 +131,33 @@ def test_decode_weights_follow_weight_updates():
     tokens = torch.randint(11, (2, 21))
     with torch.inference_mode():
         decode_all(model, tokens, (4, 5), 1)
-    kept = model._head_t
+    kept = model._head_w
     model.setup_cache(2)
-    assert model._head_t is kept  # unchanged weights: no new copies
+    assert model._head_w is kept  # unchanged weights: no new copies
     with torch.no_grad():
         model.blocks[1].mlp[2].weight.mul_(3)
         model.head.weight.add_(0.5)
     with torch.inference_mode():
         torch.testing.assert_close(decode_all(model, tokens, (4, 5), 1), model(tokens), rtol=1e-10, atol=1e-10)
-    assert model._head_t is not kept
+    assert model._head_w is not kept
+
+
+def test_decode_blas_is_timed_once_and_limited_to_torch_threads():
+    from threadpoolctl import threadpool_info
+
+    model = tiny(window=2, dtype=torch.float32)
+    model.setup_cache(3)
+    assert list(model._numpy_faster) == [(3, torch.float32, torch.get_num_threads())]  # timed for this batch
+    model._numpy_faster[(3, torch.float32, torch.get_num_threads())] = True
+    model.setup_cache(3)
+    assert model._use_numpy
+    with model.decode_threads():
+        assert all(lib["num_threads"] == torch.get_num_threads() for lib in threadpool_info()
+                   if lib["user_api"] == "blas")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "_numpy_faster", {})
+        model.to(torch.bfloat16).setup_cache(3)
+        assert not model._use_numpy and not model._numpy_faster  # numpy has no bf16: not even timed
 
 
 def test_cache_memory_bounded_by_window():

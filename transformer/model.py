@@ -11,8 +11,11 @@ official sliding-window rule (see position_index), so it still generates any gri
 from __future__ import annotations
 
 import math
+import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -148,6 +151,29 @@ def position_index(n: int, trained: int, device: torch.device) -> Tensor:
     return i - (i - trained // 2).clamp(max=n - trained).clamp(min=0)
 
 
+def _torch_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x @ w + b, w (in, out): a transposed copy of a Linear weight."""
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
+def _numpy_mm(x: Tensor, w: np.ndarray, b: Tensor | None) -> Tensor:
+    """x @ w + b through numpy's BLAS (OpenBLAS in numpy's wheels), w a numpy view of the transposed copy."""
+    y = torch.from_numpy(x.detach().numpy() @ w)
+    return y if b is None else y.add_(b)
+
+
+_BLAS_THREADS = None  # threadpoolctl controller of the BLAS libraries numpy loaded, made on first use
+
+
+def numpy_blas_threads(n: int) -> AbstractContextManager:
+    """Limit numpy's BLAS to n threads (torch's count) while decoding with it."""
+    global _BLAS_THREADS
+    if _BLAS_THREADS is None:
+        from threadpoolctl import ThreadpoolController
+        _BLAS_THREADS = ThreadpoolController()
+    return _BLAS_THREADS.limit(limits=n, user_api="blas")
+
+
 def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
@@ -244,6 +270,7 @@ class GPT(nn.Module):
         self._cache_key: tuple | None = None
         self._compiled = None  # torch.compile'd _decode, built on first use
         self._weights_version: tuple | None = None  # of the decode step's weight copies
+        self._numpy_faster: dict[tuple, bool] = {}  # (batch, dtype, threads) -> decode products through numpy
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -373,16 +400,48 @@ class GPT(nn.Module):
         if self._weights_version != version:
             self._weights_version = version
             t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
-            self._weights = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]), *t(blk.mlp[2]))
-                             for blk in self.blocks]
-            self._head_t = self.head.weight.t().contiguous()
+            self._weights_t = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]),
+                                *t(blk.mlp[2])) for blk in self.blocks]
+            self._head_w = self.head.weight.t().contiguous()
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
+        self._use_numpy = not self._use_compiled and self._numpy_is_faster(batch_size, dev, dtype)
+        as_np = (lambda t: t.numpy()) if self._use_numpy else (lambda t: t)  # noqa: E731
+        self._weights = [(ln1, as_np(a), b, as_np(c), d, ln2, as_np(e), f, as_np(g), h)
+                         for ln1, a, b, c, d, ln2, e, f, g, h in self._weights_t]
+        self._head_t = as_np(self._head_w)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
         if self._use_compiled:
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
                 torch._dynamo.mark_static_address(cache.kv)
+
+    def _numpy_is_faster(self, batch: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether numpy's BLAS runs the decode step's matrix products for `batch` rows faster than torch's, timed
+        once per batch size on this model's weights. On AMD CPUs torch's MKL streams the weights of a batch-1
+        step at about half OpenBLAS's speed (benchmarks/sampling_speed.py); with larger batches they tie."""
+        if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+            return False
+        threads = torch.get_num_threads()
+        key = (batch, dtype, threads)
+        if key not in self._numpy_faster:
+            x = {n: torch.randn(batch, n, dtype=dtype) for n in (self.config.n_embd, 4 * self.config.n_embd)}
+            pairs = [(w, b) for lw in self._weights_t for w, b in (lw[1:3], lw[3:5], lw[6:8], lw[8:10])]
+            ways = {False: (_torch_mm, pairs), True: (_numpy_mm, [(w.numpy(), b) for w, b in pairs])}
+            best = dict.fromkeys(ways, math.inf)
+            with numpy_blas_threads(threads):
+                for r in range(3):  # the first round warms up
+                    for way, (mm, ws) in ways.items():
+                        t0 = time.perf_counter()
+                        for w, b in ws:
+                            mm(x[w.shape[0]], w, b)
+                        best[way] = min(best[way], time.perf_counter() - t0) if r else best[way]
+            self._numpy_faster[key] = best[True] < best[False]
+        return self._numpy_faster[key]
+
+    def decode_threads(self) -> AbstractContextManager:
+        """Context to run decode steps in: numpy's BLAS limited to torch's thread count when the step uses it."""
+        return numpy_blas_threads(torch.get_num_threads()) if self._use_numpy else nullcontext()
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """Run [prefix, context codes...] (B, T), filling the cache; logits (B, K) of the last token."""
@@ -420,16 +479,17 @@ class GPT(nn.Module):
         B, C = x.shape
         nh = self.config.n_head
         hd = C // nh
+        mm = _numpy_mm if self._use_numpy else _torch_mm
         for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_fc, b_fc, w_out, b_out), cache, mask in zip(
                 self._weights, self._caches, bias):
-            qkv = torch.addmm(b_qkv, F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv).view(B, 3, nh, hd)
+            qkv = mm(F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv, b_qkv).view(B, 3, nh, hd)
             cache.kv[:, :, :, slot] = qkv[:, 1:].transpose(0, 1)
             k, v = cache.kv[:, :, :, window].flatten(1, 2).unbind()  # (B*h, L, hd) each
             att = torch.baddbmm(mask, qkv[:, 0].reshape(B * nh, 1, hd), k.mT, alpha=hd ** -0.5).softmax(-1)
-            x = x + torch.addmm(b_proj, torch.bmm(att, v).view(B, C), w_proj)
-            h = F.gelu(torch.addmm(b_fc, F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), w_fc))
-            x = x + torch.addmm(b_out, h, w_out)
-        return F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps) @ self._head_t
+            x = x + mm(torch.bmm(att, v).view(B, C), w_proj, b_proj)
+            h = F.gelu(mm(F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), w_fc, b_fc))
+            x = x + mm(h, w_out, b_out)
+        return mm(F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self._head_t, None)
 
     def configure_optimizers(self, weight_decay: float, lr: float,
                              betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:

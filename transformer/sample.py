@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -73,25 +74,26 @@ def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: 
     if use_cache:
         model.setup_cache(seq.shape[0], grid, compile=compile)
         logits = model.prefill(seq[:, :1 + n_ctx])
-    for t in range(n_ctx, H * W):  # t: raster index of the code drawn now (sequence index 1 + t)
-        if not use_cache:
-            logits = model(seq[:, :1 + t], grid)[:, -1]  # reference path: rerun the whole prefix
-        elif t > n_ctx:
-            logits = model.decode_step(seq[:, t], t - 1)
-        logits = logits.double()
-        if cfg_scale is not None:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-        if temperature != 1.0:  # dividing by 1 is exact: skip the op
-            logits = logits / temperature
-        if top_k is not None:
-            logits = top_k_filter(logits, top_k)
-        if top_p is not None:
-            logits = top_p_filter(logits, top_p)
-        token, logp = _sample_token(logits, u[:, t - n_ctx])
-        seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
-        logp_total += logp
-        bar.update(B)
+    with model.decode_threads() if use_cache else nullcontext():  # numpy's BLAS at torch's thread count
+        for t in range(n_ctx, H * W):  # t: raster index of the code drawn now (sequence index 1 + t)
+            if not use_cache:
+                logits = model(seq[:, :1 + t], grid)[:, -1]  # reference path: rerun the whole prefix
+            elif t > n_ctx:
+                logits = model.decode_step(seq[:, t], t - 1)
+            logits = logits.double()
+            if cfg_scale is not None:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            if temperature != 1.0:  # dividing by 1 is exact: skip the op
+                logits = logits / temperature
+            if top_k is not None:
+                logits = top_k_filter(logits, top_k)
+            if top_p is not None:
+                logits = top_p_filter(logits, top_p)
+            token, logp = _sample_token(logits, u[:, t - n_ctx])
+            seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
+            logp_total += logp
+            bar.update(B)
     return seq[:B, 1:], logp_total
 
 
