@@ -1,0 +1,32 @@
+"""The speed benchmarks that back README's table still run (--quick) and their correctness checks hold."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(script: str) -> str:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_sampling_speed_quick():
+    out = run("sampling_speed.py")
+    same = re.findall(r"(\d+)/(\d+)\s*$", out, re.M)  # the official-style and recompute samplers draw our tokens
+    assert len(same) == 3 and all(a == b for a, b in same), out
+    assert "sliding crop" in out
+
+
+def test_gpt_train_speed_quick():
+    out = run("gpt_train_speed.py")
+    assert float(re.search(r"max \|logit sparse - dense\| = (\S+)", out).group(1)) < 1e-4, out
+    assert "--no-rel-bias: is_causal" in out
+
+
+def test_tokenizer_step_speed_quick():
+    assert re.search(r"\d+\.\d+x$", run("tokenizer_step_speed.py"), re.M)
