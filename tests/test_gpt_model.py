@@ -146,8 +146,10 @@ def test_decode_blas_is_timed_once_and_limited_to_torch_threads():
     from threadpoolctl import threadpool_info
 
     model = tiny(window=2, dtype=torch.float32)
+    rng = torch.get_rng_state()
     model.setup_cache(3)
     assert list(model._numpy_faster) == [(3, torch.float32, torch.get_num_threads())]  # timed for this batch
+    assert torch.equal(torch.get_rng_state(), rng)  # ... without drawing from the global RNG
     model._numpy_faster[(3, torch.float32, torch.get_num_threads())] = True
     model.setup_cache(3)
     assert model._use_numpy
