@@ -383,9 +383,8 @@ class GPT(nn.Module):
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
         self._pattern_index, self._pattern_mask = patterns.clamp(min=0), _additive(patterns >= 0, dtype)
         # every layer's bias table as rows (layer, head): one index_select per step gathers them all
-        n_bias = 2 * w * w + 1
-        self._rel_bias = torch.cat([torch.zeros(self.config.n_head, n_bias, device=dev) if blk.attn.rel_bias is None
-                                    else blk.attn.rel_bias for blk in self.blocks]).to(dtype)
+        self._rel_bias = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
+                          torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
@@ -400,15 +399,13 @@ class GPT(nn.Module):
         if self._weights_version != version:
             self._weights_version = version
             t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
-            self._weights_t = [(blk.ln1, *t(blk.attn.qkv), *t(blk.attn.proj), blk.ln2, *t(blk.mlp[0]),
-                                *t(blk.mlp[2])) for blk in self.blocks]
+            self._linears_t = [(t(blk.attn.qkv), t(blk.attn.proj), t(blk.mlp[0]), t(blk.mlp[2])) for blk in self.blocks]
             self._head_w = self.head.weight.t().contiguous()
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
         self._use_numpy = not self._use_compiled and self._numpy_is_faster(batch_size, dev, dtype)
         as_np = (lambda t: t.numpy()) if self._use_numpy else (lambda t: t)  # noqa: E731
-        self._weights = [(ln1, as_np(a), b, as_np(c), d, ln2, as_np(e), f, as_np(g), h)
-                         for ln1, a, b, c, d, ln2, e, f, g, h in self._weights_t]
+        self._linears = [tuple((as_np(w), b) for w, b in layer) for layer in self._linears_t]
         self._head_t = as_np(self._head_w)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
@@ -427,7 +424,7 @@ class GPT(nn.Module):
         if key not in self._numpy_faster:
             # any values time the same; randn would move the global RNG (and the runs seeded from it)
             x = {n: torch.full((batch, n), 0.5, dtype=dtype) for n in (self.config.n_embd, 4 * self.config.n_embd)}
-            pairs = [(w, b) for lw in self._weights_t for w, b in (lw[1:3], lw[3:5], lw[6:8], lw[8:10])]
+            pairs = [pair for layer in self._linears_t for pair in layer]
             ways = {False: (_torch_mm, pairs), True: (_numpy_mm, [(w.numpy(), b) for w, b in pairs])}
             best = dict.fromkeys(ways, math.inf)
             with numpy_blas_threads(threads):
@@ -481,15 +478,15 @@ class GPT(nn.Module):
         nh = self.config.n_head
         hd = C // nh
         mm = _numpy_mm if self._use_numpy else _torch_mm
-        for (ln1, w_qkv, b_qkv, w_proj, b_proj, ln2, w_fc, b_fc, w_out, b_out), cache, mask in zip(
-                self._weights, self._caches, bias):
-            qkv = mm(F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), w_qkv, b_qkv).view(B, 3, nh, hd)
+        for blk, (qkv_wb, proj_wb, fc_wb, out_wb), cache, mask in zip(self.blocks, self._linears, self._caches, bias):
+            ln1, ln2 = blk.ln1, blk.ln2
+            qkv = mm(F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), *qkv_wb).view(B, 3, nh, hd)
             cache.kv[:, :, :, slot] = qkv[:, 1:].transpose(0, 1)
             k, v = cache.kv[:, :, :, window].flatten(1, 2).unbind()  # (B*h, L, hd) each
             att = torch.baddbmm(mask, qkv[:, 0].reshape(B * nh, 1, hd), k.mT, alpha=hd ** -0.5).softmax(-1)
-            x = x + mm(torch.bmm(att, v).view(B, C), w_proj, b_proj)
-            h = F.gelu(mm(F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), w_fc, b_fc))
-            x = x + mm(h, w_out, b_out)
+            x = x + mm(torch.bmm(att, v).view(B, C), *proj_wb)
+            h = F.gelu(mm(F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), *fc_wb))
+            x = x + mm(h, *out_wb)
         return mm(F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self._head_t, None)
 
     def configure_optimizers(self, weight_decay: float, lr: float,
