@@ -30,15 +30,9 @@ def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
     grad = torch.randn(batch, cfg.n_head, T, hd)  # a real gradient: .sum()'s stride-0 one sends bmm down a slow path
     index, mask = model._attention_index(grid, q.device, q.dtype, windowed=False)
     w_index, w_mask = model._attention_index(grid, q.device, q.dtype, windowed=True)
-    run = {False: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None]),
-           True: lambda: windowed_attention(q, k, v, attn.rel_bias, w_index, w_mask, grid, cfg.window)}
-    best = {True: float("inf"), False: float("inf")}
-    for r in range(rounds + 1):
-        for sparse, fn in run.items():
-            t0 = time.perf_counter()
-            fn().backward(grad)
-            best[sparse] = min(best[sparse], time.perf_counter() - t0) if r else best[sparse]
-    return best
+    dense = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None])  # noqa: E731
+    sparse = lambda: windowed_attention(q, k, v, attn.rel_bias, w_index, w_mask, grid, cfg.window)  # noqa: E731
+    return fastest({False: lambda: dense().backward(grad), True: lambda: sparse().backward(grad)}, rounds)
 
 
 def main() -> None:
