@@ -1,9 +1,10 @@
-"""Helpers for benchmark scripts: a throwaway MLflow store and a generated image set."""
+"""Helpers for benchmark scripts: a throwaway MLflow store, a generated image set, alternating timings."""
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,14 @@ def machine() -> str:
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.python_version()}"
+
+
+def fastest(steps: dict, rounds: int) -> dict:
+    """Fastest of `rounds` timed calls of each step, called in alternation after one warm-up round."""
+    best = dict.fromkeys(steps, float("inf"))
+    for r in range(rounds + 1):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            best[key] = min(best[key], time.perf_counter() - t0) if r else best[key]
+    return best

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import fastest, machine  # noqa: E402
 from transformer.model import GPT, GPTConfig, windowed_attention  # noqa: E402
 
 
@@ -93,17 +93,6 @@ def train_step(model: GPT, seq: torch.Tensor):
         loss.backward()
         opt.step()
     return step
-
-
-def fastest(steps: dict, rounds: int) -> dict:
-    """Fastest of `rounds` timed calls of each step, called in alternation after one warm-up round."""
-    best = dict.fromkeys(steps, float("inf"))
-    for r in range(rounds + 1):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            best[key] = min(best[key], time.perf_counter() - t0) if r else best[key]
-    return best
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import taming_reference as taming  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import fastest, machine  # noqa: E402
 from vqvae.config import VQConfig  # noqa: E402
 from vqvae.model import VQModel  # noqa: E402
 
@@ -57,13 +57,7 @@ def main() -> None:
                                 z_channels=zdim, embed_dim=zdim, codebook_size=K)).train()
         ref = taming.VQModel(ch, mult, res, attn, size, zdim, zdim, K).train()
         steps = {"official": step_fn(ref, x, False), "ours": step_fn(ours, x, True)}
-        best = dict.fromkeys(steps, float("inf"))
-        for r in range(args.rounds + 1):  # round 0 warms up
-            for key, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                if r:
-                    best[key] = min(best[key], time.perf_counter() - t0)
+        best = fastest(steps, args.rounds)
         official, mine = batch / best["official"], batch / best["ours"]
         print(f"  {name:<44}{official:>15.1f}{mine:>12.1f}{mine / official:>8.2f}x")
 
