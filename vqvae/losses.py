@@ -115,17 +115,15 @@ class NLayerDiscriminator(nn.Module):
         return self.main(x)
 
 
-def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    delta: float = 1e-4, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """λ = ||∇nll|| / (||∇g|| + δ) at the decoder's last layer, clamped to [0, 1e4], detached.
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, delta: float = 1e-4,
+                    loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """λ = ||∇nll|| / (||∇g|| + δ) from the two losses' gradients at the decoder's last layer, clamped to [0, 1e4].
 
     Balances the GAN term against the reconstruction term at the layer where both act on the image.
-    Under fp16 autocast, pass the GradScaler's scale: both gradients are then taken of scaled losses
-    (the ratio is unchanged) so they do not underflow in half precision. A non-finite ratio (overflow) gives 0.
+    Under fp16 autocast the gradients are those of losses scaled by the GradScaler's scale (pass it: the ratio
+    is unchanged, and they do not underflow in half precision). A non-finite ratio (overflow) gives 0.
     """
-    nll_grad = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
-    lam = nll_grad.norm() / (g_grad.norm() + delta * loss_scale)
+    lam = nll_grad.float().norm() / (g_grad.float().norm() + delta * loss_scale)
     return lam.nan_to_num(0.0).clamp(0.0, 1e4).detach()
 
 
@@ -139,6 +137,23 @@ def _frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+class _ImageGradient(torch.autograd.Function):
+    """A zero whose gradient with respect to `image` is `grad`: starts a backward at the image with a known
+    gradient, inside an ordinary `loss.backward()` (an inf/NaN gradient reaches the parameters, where the fp16
+    GradScaler looks for it; the loss value stays finite)."""
+
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        ctx.dtype = image.dtype
+        return grad.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * upstream).to(ctx.dtype), None
 
 
 class VQGANLoss(nn.Module):
@@ -176,6 +191,7 @@ class VQGANLoss(nn.Module):
         p_loss = self.perceptual(x, xrec).mean() if self.perceptual is not None else rec_loss.new_zeros(())
         nll = rec_loss + self.perceptual_weight * p_loss
         g_loss = d_weight = rec_loss.new_zeros(())
+        through_image = None
         if self.disc_active(step):
             # call the bare module even if the discriminator got wrapped in DDP: this pass must not
             # produce (or wait for) discriminator gradients
@@ -183,11 +199,30 @@ class VQGANLoss(nn.Module):
             with _frozen(disc):
                 g_loss = -disc(xrec).mean()
             if torch.is_grad_enabled() and nll.requires_grad and g_loss.requires_grad and last_layer.requires_grad:
-                d_weight = adaptive_weight(nll, g_loss, last_layer, loss_scale=loss_scale) * self.disc_weight
-        total = nll + d_weight * g_loss + self.codebook_weight * qloss
+                d_weight, through_image = self._gan_balance(nll, g_loss, xrec, last_layer, loss_scale)
+        if through_image is None:
+            total = nll + d_weight * g_loss + self.codebook_weight * qloss
+        else:  # same value; its backward enters the autoencoder at the image, with the gradient already known
+            total = nll.detach() + d_weight * g_loss.detach() + self.codebook_weight * qloss + through_image
         keys = ("rec_loss", "p_loss", "nll_loss", "g_loss", "d_weight", "q_loss", "total_loss")
         values = (rec_loss, p_loss, nll, g_loss, d_weight, qloss, total)
         return total, {k: v.detach().float() for k, v in zip(keys, values)}
+
+    def _gan_balance(self, nll: torch.Tensor, g_loss: torch.Tensor, xrec: torch.Tensor, last_layer: torch.Tensor,
+                     loss_scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """disc_weight·λ, and a zero-valued term whose gradient at xrec is that of nll + disc_weight·λ·g_loss.
+
+        The official code differentiates nll and g_loss down to the last layer for λ and then backpropagates their
+        sum through LPIPS and the discriminator once more. Here each is differentiated once, to the image (freeing
+        its graph); λ needs only the last layer's share of those image gradients, and the final backward starts
+        at the image: one LPIPS and one discriminator backward fewer per step, the same gradients up to rounding.
+        """
+        at_image = [torch.autograd.grad(t * loss_scale, xrec)[0] for t in (nll, g_loss)]
+        at_layer = [torch.autograd.grad(xrec, last_layer, g, retain_graph=True)[0] for g in at_image]
+        d_weight = adaptive_weight(*at_layer, loss_scale=loss_scale) * self.disc_weight
+        # a weight of 0 (an fp16 overflow) drops the GAN term, inf/NaN gradients and all, as the official sum would
+        gan = (d_weight * at_image[1].float()).where(d_weight > 0, 0.0)
+        return d_weight, _ImageGradient.apply(xrec, (at_image[0].float() + gan) / loss_scale)
 
     def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor,
                            step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
