@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from transformer import matmul
 from transformer.model import GPT, GPTConfig, attention_index, position_index, windowed_attention, window_rows_index
 
 
@@ -82,17 +84,17 @@ def test_forward_shapes_and_grid_checks():
         full(torch.zeros(1, 22, dtype=torch.long))
 
 
-def force_blas(model: GPT, batch: int, blas: str) -> None:
-    """Make setup_cache pick torch's or numpy's BLAS for the decode products instead of timing them."""
-    model._numpy_faster[(batch, next(model.parameters()).dtype, torch.get_num_threads())] = blas == "numpy"
+def force_backend(model: GPT, batch: int, backend: str) -> None:
+    """Make setup_cache pick this matmul backend for the decode products instead of timing them."""
+    model._backend_of[(batch, next(model.parameters()).dtype, torch.get_num_threads())] = backend
 
 
 def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: bool = False,
                blas: str = "torch") -> torch.Tensor:
     """Logits for positions n_prefill-1 ... T-1 via prefill + decode steps."""
-    force_blas(model, tokens.shape[0], blas)
+    force_backend(model, tokens.shape[0], blas)
     model.setup_cache(tokens.shape[0], grid)
-    assert model._use_numpy == (blas == "numpy")
+    assert model.backend == blas
     if static:  # the fixed-shape path that compile=True uses on CUDA, run eagerly
         model._use_compiled, model._compiled = True, model._decode
     out = [model.prefill(tokens[:, :n_prefill])]
@@ -111,7 +113,7 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
 @pytest.mark.parametrize("static,blas", [(False, "torch"), (False, "numpy"), (True, "torch")],
-                         ids=["eager", "eager-numpy", "static"])
+                         ids=["eager", "eager-numpy", "static"])  # float64: oneDNN's is tested in float32 below
 @pytest.mark.parametrize("pos_emb,rel_bias", [("rowcol", True), ("none", True), ("rowcol", False)])
 def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, blas, pos_emb, rel_bias):
     model = tiny(window, grid, pos_emb=pos_emb, rel_bias=rel_bias)
@@ -125,41 +127,55 @@ def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, blas
 
 
 def test_decode_weights_follow_weight_updates():
-    """setup_cache keeps its transposed weight copies until a weight changes in place (an optimizer step,
+    """setup_cache keeps its laid-out weights until a weight changes in place (an optimizer step,
     load_state_dict), then the decode step uses the new weights."""
     model = tiny(window=2)
     tokens = torch.randint(11, (2, 21))
     with torch.inference_mode():
         decode_all(model, tokens, (4, 5), 1)
-    kept = model._head_w
+    kept = model._decode_head
     model.setup_cache(2)
-    assert model._head_w is kept  # unchanged weights: no new copies
+    assert model._decode_head is kept  # unchanged weights: nothing laid out again
     with torch.no_grad():
         model.blocks[1].mlp[2].weight.mul_(3)
         model.head.weight.add_(0.5)
     with torch.inference_mode():
         torch.testing.assert_close(decode_all(model, tokens, (4, 5), 1), model(tokens), rtol=1e-10, atol=1e-10)
-    assert model._head_w is not kept
+    assert model._decode_head is not kept
 
 
-def test_decode_blas_is_timed_once_and_limited_to_torch_threads():
+def test_decode_backend_is_timed_once_and_numpy_limited_to_torch_threads():
     from threadpoolctl import threadpool_info
 
     model = tiny(window=2, dtype=torch.float32)
     rng = torch.get_rng_state()
     model.setup_cache(3)
-    assert list(model._numpy_faster) == [(3, torch.float32, torch.get_num_threads())]  # timed for this batch
+    assert list(model._backend_of) == [(3, torch.float32, torch.get_num_threads())]  # timed for this batch
     assert torch.equal(torch.get_rng_state(), rng)  # ... without drawing from the global RNG
-    model._numpy_faster[(3, torch.float32, torch.get_num_threads())] = True
+    assert model.backend in matmul.backends(torch.device("cpu"), torch.float32)
+    force_backend(model, 3, "numpy")
     model.setup_cache(3)
-    assert model._use_numpy
+    assert model.backend == "numpy"
     with model.decode_threads():
         assert all(lib["num_threads"] == torch.get_num_threads() for lib in threadpool_info()
                    if lib["user_api"] == "blas")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model, "_numpy_faster", {})
+        mp.setattr(model, "_backend_of", {})
         model.to(torch.bfloat16).setup_cache(3)
-        assert not model._use_numpy and not model._numpy_faster  # numpy has no bf16: not even timed
+        assert model.backend == "torch"  # neither numpy nor oneDNN computes in bfloat16
+        assert matmul.backends(torch.device("cpu"), torch.bfloat16) == ("torch",)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy", "onednn"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_matmul_backends_compute_the_linear_layer(backend, batch):
+    if backend not in matmul.backends(torch.device("cpu"), torch.float32):
+        pytest.skip(f"{backend} is not available in this torch build")
+    torch.manual_seed(0)
+    layer, x = nn.Linear(48, 80), torch.randn(batch, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(matmul.linear(backend, layer.weight, layer.bias, batch)(x), layer(x))
+        torch.testing.assert_close(matmul.linear(backend, layer.weight, None, batch)(x), x @ layer.weight.T)
 
 
 def test_cache_memory_bounded_by_window():

@@ -11,16 +11,15 @@ official sliding-window rule (see position_index), so it still generates any gri
 from __future__ import annotations
 
 import math
-import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from transformer import matmul
 from transformer.vocab import TokenLayout
 
 POS_EMB = ("none", "rowcol")
@@ -151,29 +150,6 @@ def position_index(n: int, trained: int, device: torch.device) -> Tensor:
     return i - (i - trained // 2).clamp(max=n - trained).clamp(min=0)
 
 
-def _torch_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x @ w + b, w (in, out): a transposed copy of a Linear weight."""
-    return x @ w if b is None else torch.addmm(b, x, w)
-
-
-def _numpy_mm(x: Tensor, w: np.ndarray, b: Tensor | None) -> Tensor:
-    """x @ w + b through numpy's BLAS (OpenBLAS in numpy's wheels), w a numpy view of the transposed copy."""
-    y = torch.from_numpy(x.detach().numpy() @ w)
-    return y if b is None else y.add_(b)
-
-
-_BLAS_THREADS = None  # threadpoolctl controller of the BLAS libraries numpy loaded, made on first use
-
-
-def numpy_blas_threads(n: int) -> AbstractContextManager:
-    """Limit numpy's BLAS to n threads (torch's count) while decoding with it."""
-    global _BLAS_THREADS
-    if _BLAS_THREADS is None:
-        from threadpoolctl import ThreadpoolController
-        _BLAS_THREADS = ThreadpoolController()
-    return _BLAS_THREADS.limit(limits=n, user_api="blas")
-
-
 def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
@@ -191,6 +167,20 @@ class KVCache:
         self.slot_of_code, self.prefix_slots = slot_of_code, prefix_slots  # (H*W,), (P,)
         self.code_slots = slots - prefix_slots.numel()
         self.kv = torch.zeros(2, batch, n_head, slots, head_dim, device=slot_of_code.device, dtype=dtype)
+        self._views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def read(self, window: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """Keys, transposed, (B*h, hd, L) and values (B*h, L, hd) of the slots `window`: for a slice, views of
+        the cache (made once per slice: the decode loop asks for the same few again and again); for an index
+        tensor (the fixed-shape compiled step), a gather."""
+        if isinstance(window, slice):
+            key = (window.start, window.stop)
+            if key not in self._views:
+                k, v = self.kv[:, :, :, window].flatten(1, 2).unbind()
+                self._views[key] = k.mT, v
+            return self._views[key]
+        k, v = self.kv[:, :, :, window].flatten(1, 2).unbind()
+        return k.mT, v
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Store a prefill's keys/values (B, h, T, hd): the prefix, then the codes still inside the ring."""
@@ -269,8 +259,10 @@ class GPT(nn.Module):
         self._caches: list[KVCache] | None = None
         self._cache_key: tuple | None = None
         self._compiled = None  # torch.compile'd _decode, built on first use
-        self._weights_version: tuple | None = None  # of the decode step's weight copies
-        self._numpy_faster: dict[tuple, bool] = {}  # (batch, dtype, threads) -> decode products through numpy
+        self._weights_version: tuple | None = None  # of the decode step's laid-out weights
+        self._linears: dict[tuple, list] = {}  # (backend, batch) -> the decode step's layers and head
+        self._backend_of: dict[tuple, str] = {}  # (batch, dtype, threads) -> the fastest matmul backend
+        self.backend = "torch"  # of the decode step set up last
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -392,54 +384,53 @@ class GPT(nn.Module):
         self._slot_of_code, self._read_slots = write, slots
         self._steps = list(zip(write.tolist(), start.tolist(), length.tolist(), pattern_of.tolist()))
         self._positions = self.positions(grid)
-        # transposed copies of the weights: (B, C) @ (C, out) is faster than F.linear's (B, C) @ (out, C).T on CPU.
-        # Transposing 25 MB takes longer than 5 decode steps: redone only when a weight changed (its version counts
-        # in-place updates) or moved
+        # the matrix products run through the backend timed fastest for this batch (transformer/matmul.py); laying
+        # out 25 MB of weights for it takes longer than 5 decode steps, so that is redone only when a weight
+        # changed (its version counts in-place updates) or moved
         version = tuple((p.data_ptr(), p._version) for p in self.parameters())
         if self._weights_version != version:
-            self._weights_version = version
-            t = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731
-            self._linears_t = [(t(blk.attn.qkv), t(blk.attn.proj), t(blk.mlp[0]), t(blk.mlp[2])) for blk in self.blocks]
-            self._head_w = self.head.weight.t().contiguous()
+            self._weights_version, self._linears = version, {}
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
-        self._use_numpy = not self._use_compiled and self._numpy_is_faster(batch_size, dev, dtype)
-        as_np = (lambda t: t.numpy()) if self._use_numpy else (lambda t: t)  # noqa: E731
-        self._linears = [tuple((as_np(w), b) for w, b in layer) for layer in self._linears_t]
-        self._head_t = as_np(self._head_w)
+        self.backend = self._fastest_backend(batch_size)
+        self._decode_layers, self._decode_head = self._laid_out(self.backend, batch_size)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
         if self._use_compiled:
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
                 torch._dynamo.mark_static_address(cache.kv)
 
-    def _numpy_is_faster(self, batch: int, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether numpy's BLAS runs the decode step's matrix products for `batch` rows faster than torch's, timed
-        once per batch size on this model's weights. On AMD CPUs torch's MKL streams the weights of a batch-1
-        step at about half OpenBLAS's speed (benchmarks/sampling_speed.py); with larger batches they tie."""
-        if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
-            return False
-        threads = torch.get_num_threads()
-        key = (batch, dtype, threads)
-        if key not in self._numpy_faster:
-            # any values time the same; randn would move the global RNG (and the runs seeded from it)
-            x = {n: torch.full((batch, n), 0.5, dtype=dtype) for n in (self.config.n_embd, 4 * self.config.n_embd)}
-            pairs = [pair for layer in self._linears_t for pair in layer]
-            ways = {False: (_torch_mm, pairs), True: (_numpy_mm, [(w.numpy(), b) for w, b in pairs])}
-            best = dict.fromkeys(ways, math.inf)
-            with numpy_blas_threads(threads):
-                for r in range(3):  # the first round warms up
-                    for way, (mm, ws) in ways.items():
-                        t0 = time.perf_counter()
-                        for w, b in ws:
-                            mm(x[w.shape[0]], w, b)
-                        best[way] = min(best[way], time.perf_counter() - t0) if r else best[way]
-            self._numpy_faster[key] = best[True] < best[False]
-        return self._numpy_faster[key]
+    def _laid_out(self, backend: str, batch: int) -> tuple[list[tuple], matmul.Linear]:
+        """Per block (ln1, qkv, proj, ln2, fc, out) with each norm as (weight, bias, eps) and each Linear a
+        matmul.linear of `backend`; and the head (final norm folded in). Kept until a weight changes."""
+        key = (backend, batch if backend == "onednn" else 0)  # oneDNN lays the weights out for the batch size
+        if key not in self._linears:
+            def lin(m: nn.Linear) -> matmul.Linear:
+                return matmul.linear(backend, m.weight, m.bias, batch)
+
+            def norm(m: nn.LayerNorm) -> tuple:
+                return m.weight, m.bias, m.eps
+            layers = [(norm(b.ln1), lin(b.attn.qkv), lin(b.attn.proj), norm(b.ln2), lin(b.mlp[0]), lin(b.mlp[2]))
+                      for b in self.blocks]
+            head, ln_f, C = lin(self.head), norm(self.ln_f), self.config.n_embd
+            self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
+        return tuple(self._linears[key])
+
+    def _fastest_backend(self, batch: int) -> str:
+        """The matmul backend for decoding `batch` rows, timed once per (batch, dtype, threads) on this model's
+        weights; the compiled (CUDA graph) step stays with torch's."""
+        p = next(self.parameters())
+        if self._use_compiled:
+            return "torch"
+        key = (batch, p.dtype, torch.get_num_threads())
+        if key not in self._backend_of:
+            layers = [(m.weight, m.bias) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
+            self._backend_of[key] = matmul.fastest(layers, batch)
+        return self._backend_of[key]
 
     def decode_threads(self) -> AbstractContextManager:
         """Context to run decode steps in: numpy's BLAS limited to torch's thread count when the step uses it."""
-        return numpy_blas_threads(torch.get_num_threads()) if self._use_numpy else nullcontext()
+        return matmul.blas_threads(torch.get_num_threads()) if self.backend == "numpy" else nullcontext()
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """Run [prefix, context codes...] (B, T), filling the cache; logits (B, K) of the last token."""
@@ -468,7 +459,7 @@ class GPT(nn.Module):
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
                 bias: Tensor) -> Tensor:
         """One token through every layer: write its keys/values into ring slot `slot`, attend to the ring's
-        `window` slots (a slice: a view; an index tensor: a gather of fixed size) with scores starting from
+        `window` slots (a slice: views; an index tensor: a gather of fixed size) with scores starting from
         bias (layers, B*h, 1, L). Attention is two batched matmuls over (B*h) rows of the cache, which read the
         keys and values in place: on CPU 1.6-1.8x faster than SDPA's fused kernel for a single query."""
         x = self.tok_emb(token)
@@ -477,17 +468,14 @@ class GPT(nn.Module):
         B, C = x.shape
         nh = self.config.n_head
         hd = C // nh
-        mm = _numpy_mm if self._use_numpy else _torch_mm
-        for blk, (qkv_wb, proj_wb, fc_wb, out_wb), cache, mask in zip(self.blocks, self._linears, self._caches, bias):
-            ln1, ln2 = blk.ln1, blk.ln2
-            qkv = mm(F.layer_norm(x, (C,), ln1.weight, ln1.bias, ln1.eps), *qkv_wb).view(B, 3, nh, hd)
-            cache.kv[:, :, :, slot] = qkv[:, 1:].transpose(0, 1)
-            k, v = cache.kv[:, :, :, window].flatten(1, 2).unbind()  # (B*h, L, hd) each
-            att = torch.baddbmm(mask, qkv[:, 0].reshape(B * nh, 1, hd), k.mT, alpha=hd ** -0.5).softmax(-1)
-            x = x + mm(torch.bmm(att, v).view(B, C), *proj_wb)
-            h = F.gelu(mm(F.layer_norm(x, (C,), ln2.weight, ln2.bias, ln2.eps), *fc_wb))
-            x = x + mm(h, *out_wb)
-        return mm(F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), self._head_t, None)
+        for (ln1, qkv, proj, ln2, fc, out), cache, mask in zip(self._decode_layers, self._caches, bias):
+            q_kv = qkv(torch.layer_norm(x, (C,), *ln1)).view(B, 3, nh, hd)
+            cache.kv[:, :, :, slot] = q_kv[:, 1:].transpose(0, 1)
+            k_t, v = cache.read(window)
+            att = torch.baddbmm(mask, q_kv[:, 0].reshape(B * nh, 1, hd), k_t, alpha=hd ** -0.5).softmax(-1)
+            x = x + proj(torch.bmm(att, v).view(B, C))
+            x = x + out(F.gelu(fc(torch.layer_norm(x, (C,), *ln2))))
+        return self._decode_head(x)
 
     def configure_optimizers(self, weight_decay: float, lr: float,
                              betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:

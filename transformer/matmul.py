@@ -1,0 +1,89 @@
+"""The decode step's matrix products, x @ W.T + b for a few rows: through whichever of torch's BLAS, numpy's
+BLAS or oneDNN's prepacked kernels runs this model's weights fastest here, timed once per batch size.
+
+Why three: a decode step multiplies every weight matrix by only `batch` rows, a shape the BLAS libraries treat
+very differently. On the AMD EPYC this was written on, torch's MKL streams the weights of a batch-1 step at
+about half the speed of numpy's OpenBLAS, and at batch 16 oneDNN with weights reordered for the batch
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing uses) is ≈1.4× faster than either
+(benchmarks/sampling_speed.py). All three compute the same products; they differ in summation order only.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Linear = Callable[[Tensor], Tensor]
+_BLAS_THREADS = None  # threadpoolctl controller of the BLAS libraries numpy loaded, made on first use
+
+
+def backends(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends that can run on `device` in `dtype`: numpy and oneDNN are CPU-only; numpy has no half
+    types and oneDNN's reordered weights are used in float32 only."""
+    if device.type != "cpu":
+        return ("torch",)
+    found = ["torch"]
+    if dtype in (torch.float32, torch.float64):
+        found.append("numpy")
+    if (dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        found.append("onednn")
+    return tuple(found)
+
+
+def linear(backend: str, weight: Tensor, bias: Tensor | None, batch: int) -> Linear:
+    """x (batch, in) -> x @ weight.T + bias through `backend`, with the weight laid out for it once, here."""
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    if backend == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    # (batch, in) @ (in, out) is faster than F.linear's (batch, in) @ (out, in).T for both BLAS libraries here
+    w_t = weight.t().contiguous()
+    if backend == "torch":
+        return (lambda x: x @ w_t) if bias is None else (lambda x: torch.addmm(bias, x, w_t))
+    if backend != "numpy":
+        raise ValueError(f"unknown matmul backend {backend!r}")
+    w_np, b_np = w_t.numpy(), None if bias is None else bias.numpy()
+
+    def numpy_linear(x: Tensor) -> Tensor:
+        y = x.detach().numpy() @ w_np
+        if b_np is not None:
+            np.add(y, b_np, out=y)
+        return torch.from_numpy(y)
+    return numpy_linear
+
+
+def blas_threads(n: int) -> AbstractContextManager:
+    """Limit numpy's BLAS to n threads (torch's count) while decoding with it."""
+    global _BLAS_THREADS
+    if _BLAS_THREADS is None:
+        from threadpoolctl import ThreadpoolController
+        _BLAS_THREADS = ThreadpoolController()
+    return _BLAS_THREADS.limit(limits=n, user_api="blas")
+
+
+def fastest(weights: Sequence[tuple[Tensor, Tensor | None]], batch: int) -> str:
+    """The backend that runs x @ W.T + b for all `weights` fastest with `batch` rows (fastest of 2 timed rounds
+    after a warm-up). The inputs are constants: timing draws nothing from the global RNG."""
+    w0 = weights[0][0]
+    found = backends(w0.device, w0.dtype)
+    if len(found) == 1:
+        return found[0]
+    x = {n: torch.full((batch, n), 0.5, dtype=w0.dtype) for n in {w.shape[1] for w, _ in weights}}
+    ways = {name: [(linear(name, w, b, batch), x[w.shape[1]]) for w, b in weights] for name in found}
+    best = dict.fromkeys(ways, math.inf)
+    with torch.inference_mode(), blas_threads(torch.get_num_threads()):
+        for r in range(3):
+            for name, calls in ways.items():
+                t0 = time.perf_counter()
+                for f, xi in calls:
+                    f(xi)
+                if r:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.get)
