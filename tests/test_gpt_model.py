@@ -183,7 +183,7 @@ def test_cache_memory_bounded_by_window():
 
     def cache_shapes(grid):
         model.setup_cache(2, grid)
-        return [tuple(c.kv.shape) for c in model._caches] + [tuple(model._pattern_index.shape)]  # + mask table
+        return [tuple(c.kv.shape) for c in model._caches] + [tuple(model._pattern_index.shape)]  # + pattern table
 
     assert cache_shapes((8, 8)) == cache_shapes((32, 8))  # grid height does not matter
     assert cache_shapes((8, 8))[0] == (2, 2, 2, (3 + 1) * 8, 8)  # R = w rows of the grid width + a prefix per column

@@ -168,6 +168,14 @@ class KVCache:
         self.code_slots = slots - prefix_slots.numel()
         self.kv = torch.zeros(2, batch, n_head, slots, head_dim, device=slot_of_code.device, dtype=dtype)
         self._views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._slots = self.kv.unbind(3)  # one view (2, B, h, hd) per slot: a write is one copy
+
+    def write(self, slot: int | Tensor, kv: Tensor) -> None:
+        """Store one step's keys and values (2, B, h, hd) in `slot` (an index tensor: the compiled step)."""
+        if isinstance(slot, int):
+            self._slots[slot].copy_(kv)
+        else:
+            self.kv[:, :, :, slot] = kv
 
     def read(self, window: slice | Tensor) -> tuple[Tensor, Tensor]:
         """Keys, transposed, (B*h, hd, L) and values (B*h, L, hd) of the slots `window`: for a slice, views of
@@ -373,10 +381,12 @@ class GPT(nn.Module):
         visible = torch.where(is_prefix, slots == start[:, None], visible)
         # positions sharing a bias pattern share a table row: the tables stay small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
-        self._pattern_index, self._pattern_mask = patterns.clamp(min=0), _additive(patterns >= 0, dtype)
-        # every layer's bias table as rows (layer, head): one index_select per step gathers them all
-        self._rel_bias = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
-                          torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
+        # every layer's bias table as rows (layer, head), with a last column of -inf that invisible slots index:
+        # one index_select per step gathers bias and mask for all layers
+        table = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
+                 torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
+        self._rel_bias = F.pad(table, (0, 1), value=float("-inf"))
+        self._pattern_index = torch.where(patterns >= 0, patterns, table.shape[1])
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, n_slots, write, prefix_slots, dtype)
@@ -451,9 +461,8 @@ class GPT(nn.Module):
     def _decode_bias(self, pattern: int, length: int) -> Tensor:
         """Every layer's scores before the keys: relative bias + mask over the first `length` slots a step reads,
         (layers, B*h, 1, length), laid out per batch row so each layer's baddbmm adds it as it multiplies."""
-        index, mask = self._pattern_index[pattern, :length], self._pattern_mask[pattern, :length]
         n, B, h = len(self.blocks), self._cache_key[0], self.config.n_head
-        bias = (self._rel_bias.index_select(1, index) + mask).view(n, 1, h, 1, length)
+        bias = self._rel_bias.index_select(1, self._pattern_index[pattern, :length]).view(n, 1, h, 1, length)
         return bias.expand(n, B, h, 1, length).reshape(n, B * h, 1, length)
 
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
@@ -470,7 +479,7 @@ class GPT(nn.Module):
         hd = C // nh
         for (ln1, qkv, proj, ln2, fc, out), cache, mask in zip(self._decode_layers, self._caches, bias):
             q_kv = qkv(torch.layer_norm(x, (C,), *ln1)).view(B, 3, nh, hd)
-            cache.kv[:, :, :, slot] = q_kv[:, 1:].transpose(0, 1)
+            cache.write(slot, q_kv[:, 1:].transpose(0, 1))
             k_t, v = cache.read(window)
             att = torch.baddbmm(mask, q_kv[:, 0].reshape(B * nh, 1, hd), k_t, alpha=hd ** -0.5).softmax(-1)
             x = x + proj(torch.bmm(att, v).view(B, C))
