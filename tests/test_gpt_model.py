@@ -166,6 +166,17 @@ def test_decode_backend_is_timed_once_and_numpy_limited_to_torch_threads():
         assert matmul.backends(torch.device("cpu"), torch.bfloat16) == ("torch",)
 
 
+def test_decode_keeps_at_most_two_weight_layouts():
+    """Each batch size gets its own oneDNN layout: a server answering many sizes must not pile them up."""
+    if "onednn" not in matmul.backends(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN is not available in this torch build")
+    model = tiny(window=2, dtype=torch.float32)
+    for batch in (4, 5, 6, 5):
+        force_backend(model, batch, "onednn")
+        model.setup_cache(batch)
+    assert sorted(model._linears) == [("onednn", 5), ("onednn", 6)]
+
+
 @pytest.mark.parametrize("backend", ["torch", "numpy", "onednn"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_matmul_backends_compute_the_linear_layer(backend, batch):

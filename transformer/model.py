@@ -412,9 +412,12 @@ class GPT(nn.Module):
 
     def _laid_out(self, backend: str, batch: int) -> tuple[list[tuple], matmul.Linear]:
         """Per block (ln1, qkv, proj, ln2, fc, out) with each norm as (weight, bias, eps) and each Linear a
-        matmul.linear of `backend`; and the head (final norm folded in). Kept until a weight changes."""
+        matmul.linear of `backend`; and the head (final norm folded in). The last two layouts are kept until a
+        weight changes."""
         key = (backend, batch if backend == "onednn" else 0)  # oneDNN lays the weights out for the batch size
         if key not in self._linears:
+            if len(self._linears) == 2:  # a full chunk's and the last chunk's; more would pile up 25 MB copies
+                del self._linears[next(iter(self._linears))]
             def lin(m: nn.Linear) -> matmul.Linear:
                 return matmul.linear(backend, m.weight, m.bias, batch)
 
