@@ -97,6 +97,16 @@ def test_same_seed_same_samples(chain):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_generate_with_a_pinned_matmul_backend(chain):
+    from transformer.matmul import backends
+
+    for backend in backends(torch.device("cpu"), torch.float32):
+        res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "2", "--seed", "3",
+                     "--matmul", backend)
+        assert res.exit_code == 0, res.output
+        assert mlflow.get_run(last_line(res.stdout)).data.params["matmul"] == backend
+
+
 def test_larger_latent_grid_decodes_to_larger_image(chain):
     res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "2",
                  "--latent-size", "16x12")

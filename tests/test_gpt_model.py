@@ -166,6 +166,15 @@ def test_decode_backend_is_timed_once_and_numpy_limited_to_torch_threads():
         assert matmul.backends(torch.device("cpu"), torch.bfloat16) == ("torch",)
 
 
+def test_pinned_decode_backend_is_used_untimed_and_checked():
+    model = tiny(window=2, dtype=torch.float32)
+    model.setup_cache(3, backend="numpy")
+    assert model.backend == "numpy" and not model._backend_of  # pinned: nothing timed
+    with pytest.raises(ValueError, match=r"'onednn' matmul backend cannot run this model \(cpu, float64\): use one "
+                                         r"of torch, numpy or auto"):
+        tiny(window=2, dtype=torch.float64).setup_cache(3, backend="onednn")
+
+
 def test_decode_keeps_at_most_two_weight_layouts():
     """Each batch size gets its own oneDNN layout: a server answering many sizes must not pile them up."""
     if "onednn" not in matmul.backends(torch.device("cpu"), torch.float32):

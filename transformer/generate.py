@@ -24,6 +24,7 @@ from core.runtime import setup_runtime
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from core.weights import load_model_weights
+from transformer.matmul import BACKENDS
 from transformer.model import GPT, GPTConfig
 from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, generate, guidance_scale
 from transformer.vocab import Vocab
@@ -55,6 +56,9 @@ class GenerateConfig(Config):
     cache: bool = opt(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
                            "for reference).")
     compile: bool = opt(False, "torch.compile the decode step (CUDA only).")
+    matmul: str = opt("auto", "Matrix products of the decode step: auto (the fastest here, timed per batch size) or "
+                              "one pinned, for bit-identical samples across runs (the backends round differently).",
+                      choices=["auto", *BACKENDS], applies=lambda c: c.cache)
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
@@ -158,7 +162,7 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
                                       cfg_scale=cfg_scale, temperature=cfg.temperature,
                                       top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed, context=context,
                                       best_of=cfg.best_of, batch_size=cfg.batch_size, use_cache=cfg.cache,
-                                      compile=cfg.compile, progress=True)
+                                      compile=cfg.compile, matmul=cfg.matmul, progress=True)
         except ValueError as exc:  # e.g. a larger grid for a full-attention model
             raise UserError(str(exc)) from None
         with artifact_folder() as out:

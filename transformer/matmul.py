@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 Linear = Callable[[Tensor], Tensor]
+BACKENDS = ("torch", "numpy", "onednn")
 _BLAS_THREADS = None  # threadpoolctl controller of the BLAS libraries numpy loaded, made on first use
 
 
@@ -49,7 +50,7 @@ def linear(backend: str, weight: Tensor, bias: Tensor | None, batch: int) -> Lin
     if backend == "torch":
         return (lambda x: x @ w_t) if bias is None else (lambda x: torch.addmm(bias, x, w_t))
     if backend != "numpy":
-        raise ValueError(f"unknown matmul backend {backend!r}")
+        raise ValueError(f"unknown matmul backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     w_np, b_np = w_t.numpy(), None if bias is None else bias.numpy()
 
     def numpy_linear(x: Tensor) -> Tensor:

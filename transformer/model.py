@@ -340,10 +340,14 @@ class GPT(nn.Module):
     # ---- key/value cache: setup_cache, then prefill, then decode_step per token ----
 
     @torch.no_grad()
-    def setup_cache(self, batch_size: int, grid_shape: tuple[int, int] | None = None, compile: bool = False) -> None:
+    def setup_cache(self, batch_size: int, grid_shape: tuple[int, int] | None = None, compile: bool = False,
+                    backend: str = "auto") -> None:
         """Allocate the caches for generating `grid_shape` and precompute, for every position, the ring slot it
         writes, the slots it reads and their bias + mask, and the decode weights. Call it again after the weights
-        change. compile (CUDA only): torch.compile the decode step into CUDA graphs (fixed shapes)."""
+        change. compile (CUDA only): torch.compile the decode step into CUDA graphs (fixed shapes). backend: the
+        matmul backend of the decode step (transformer/matmul.py), "auto" for the one timed fastest; pin one for
+        bit-identical samples across processes (backends round differently, and a timing can pick either of two
+        close ones)."""
         grid = self.check_grid(grid_shape)
         H, W = grid
         w = self.config.window
@@ -402,7 +406,7 @@ class GPT(nn.Module):
             self._weights_version, self._linears = version, {}
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
-        self.backend = self._fastest_backend(batch_size)
+        self.backend = self._fastest_backend(batch_size) if backend == "auto" else self._pinned(backend)
         self._decode_layers, self._decode_head = self._laid_out(self.backend, batch_size)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
@@ -428,6 +432,15 @@ class GPT(nn.Module):
             head, ln_f, C = lin(self.head), norm(self.ln_f), self.config.n_embd
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
+
+    def _pinned(self, backend: str) -> str:
+        p = next(self.parameters())
+        usable = ("torch",) if self._use_compiled else matmul.backends(p.device, p.dtype)
+        if backend not in usable:
+            raise ValueError(f"the {backend!r} matmul backend cannot run this model ({p.device.type}, "
+                             f"{str(p.dtype).removeprefix('torch.')}{', compiled' if self._use_compiled else ''}): "
+                             f"use one of {', '.join(usable)} or auto")
+        return backend
 
     def _fastest_backend(self, batch: int) -> str:
         """The matmul backend for decoding `batch` rows, timed once per (batch, dtype, threads) on this model's

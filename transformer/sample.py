@@ -60,7 +60,7 @@ def _sample_token(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: tuple[int, int],
                   cfg_scale: float | None, temperature: float, top_k: int | None, top_p: float | None,
-                  use_cache: bool, compile: bool, bar: tqdm) -> tuple[Tensor, Tensor]:
+                  use_cache: bool, compile: bool, backend: str, bar: tqdm) -> tuple[Tensor, Tensor]:
     """Complete B sequences [prefix, context, ...] (one row per candidate); codes (B, H*W), log-prob (B,)."""
     H, W = grid
     B, n_ctx = context.shape
@@ -72,7 +72,7 @@ def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: 
     seq[:, 0], seq[:, 1:1 + n_ctx] = prefix, context
     logp_total = torch.zeros(B, dtype=torch.float64, device=prefix.device)
     if use_cache:
-        model.setup_cache(seq.shape[0], grid, compile=compile)
+        model.setup_cache(seq.shape[0], grid, compile=compile, backend=backend)
         logits = model.prefill(seq[:, :1 + n_ctx])
     with model.decode_threads() if use_cache else nullcontext():  # numpy's BLAS at torch's thread count
         for t in range(n_ctx, H * W):  # t: raster index of the code drawn now (sequence index 1 + t)
@@ -102,7 +102,8 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
              labels: Tensor | None = None, cfg_scale: float = 1.0, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              context: Tensor | None = None, best_of: int = 1, batch_size: int = 64,
-             use_cache: bool = True, compile: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
+             use_cache: bool = True, compile: bool = False, matmul: str = "auto",
+             progress: bool = False) -> tuple[Tensor, Tensor]:
     """Sample `num_samples` code grids; returns codes (n, H, W) and each grid's total log-probability (n,).
 
     labels (n,): class per sample (None: the SOS/null prefix). cfg_scale != 1 with labels: classifier-free
@@ -110,7 +111,9 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
     candidates per sample and keep the one with the highest total log-probability of its drawn tokens
     under the distribution actually sampled from (guided, tempered, top-k/top-p filtered); that total is
     what is returned. Draws are inverse-CDF with uniforms from a CPU generator seeded with `seed`, drawn
-    up front, so the cached and recomputed paths (and any batch_size) give the same samples.
+    up front, so the cached and recomputed paths (and any batch_size) give the same samples, up to the rounding
+    of the decode step's matmul backend: `matmul` (see GPT.setup_cache) "auto" takes the one timed fastest per
+    batch size; pin one for bit-identical samples across processes and batch sizes.
     """
     cfg = model.config
     grid = model.check_grid(grid_shape)
@@ -159,7 +162,7 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
             for lo in range(0, rows, batch_size):
                 sl = slice(lo, lo + batch_size)
                 c, lp = _sample_chunk(model, prefix[sl], context[sl], u[sl], grid, guide, temperature,
-                                      top_k, top_p, use_cache, compile, bar)
+                                      top_k, top_p, use_cache, compile, matmul, bar)
                 codes.append(c)
                 logp.append(lp)
     finally:
