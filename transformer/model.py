@@ -422,6 +422,7 @@ class GPT(nn.Module):
         if key not in self._linears:
             if len(self._linears) == 2:  # a full chunk's and the last chunk's; more would pile up 25 MB copies
                 del self._linears[next(iter(self._linears))]
+
             def lin(m: nn.Linear) -> matmul.Linear:
                 return matmul.linear(backend, m.weight, m.bias, batch)
 
@@ -434,6 +435,7 @@ class GPT(nn.Module):
         return tuple(self._linears[key])
 
     def _pinned(self, backend: str) -> str:
+        """`backend` if it can run this model's decode step, else a ValueError naming the ones that can."""
         p = next(self.parameters())
         usable = ("torch",) if self._use_compiled else matmul.backends(p.device, p.dtype)
         if backend not in usable:
