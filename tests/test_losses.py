@@ -38,13 +38,13 @@ def test_adaptive_weight_matches_hand_computation():
     assert adaptive_weight(a, b * float("inf")).item() == 0.0  # overflow: no GAN push
 
 
-def _official_generator_grads(model, loss_fn, x, last_layer_of):
+def _official_generator_grads(model, loss_fn, x):
     """The official formulation: λ from autograd.grad of nll and g_loss at the last layer, then one backward
     of the whole total through LPIPS and the discriminator again."""
     xrec, qloss, _ = model(x)
     nll = (x - xrec).abs().mean() + loss_fn.perceptual_weight * loss_fn.perceptual(x, xrec).mean()
     g_loss = -loss_fn.discriminator(xrec).mean()
-    last = last_layer_of(model)
+    last = model.last_layer
     nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
     d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * loss_fn.disc_weight
@@ -59,7 +59,7 @@ def test_generator_loss_backpropagates_lpips_and_discriminator_once_with_the_off
     model, loss_fn = VQModel(cfg), VQGANLoss(cfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with _frozen(loss_fn.discriminator):
-        ref_total, ref_weight, ref_grads = _official_generator_grads(model, loss_fn, x, lambda m: m.last_layer)
+        ref_total, ref_weight, ref_grads = _official_generator_grads(model, loss_fn, x)
     model.zero_grad()
     passes = {"lpips": 0, "disc": 0}
 

@@ -406,7 +406,7 @@ class GPT(nn.Module):
             self._weights_version, self._linears = version, {}
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
-        self.backend = self._fastest_backend(batch_size) if backend == "auto" else self._pinned(backend)
+        self.backend = self._choose_backend(batch_size, backend)
         self._decode_layers, self._decode_head = self._laid_out(self.backend, batch_size)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
@@ -434,22 +434,17 @@ class GPT(nn.Module):
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
 
-    def _pinned(self, backend: str) -> str:
-        """`backend` if it can run this model's decode step, else a ValueError naming the ones that can."""
+    def _choose_backend(self, batch: int, requested: str) -> str:
+        """The decode step's matmul backend: `requested` if it can run this model (else a ValueError naming those
+        that can), or for "auto" the one timed fastest, once per (batch, dtype, threads), on this model's weights.
+        Off the CPU (so for the compiled CUDA step too) torch's is the only one."""
         p = next(self.parameters())
-        usable = ("torch",) if self._use_compiled else matmul.backends(p.device, p.dtype)
-        if backend not in usable:
-            raise ValueError(f"the {backend!r} matmul backend cannot run this model ({p.device.type}, "
-                             f"{str(p.dtype).removeprefix('torch.')}{', compiled' if self._use_compiled else ''}): "
-                             f"use one of {', '.join(usable)} or auto")
-        return backend
-
-    def _fastest_backend(self, batch: int) -> str:
-        """The matmul backend for decoding `batch` rows, timed once per (batch, dtype, threads) on this model's
-        weights; the compiled (CUDA graph) step stays with torch's."""
-        p = next(self.parameters())
-        if self._use_compiled:
-            return "torch"
+        if requested != "auto":
+            usable = matmul.backends(p.device, p.dtype)
+            if requested not in usable:
+                raise ValueError(f"the {requested!r} matmul backend cannot run this model ({p.device.type}, "
+                                 f"{str(p.dtype).removeprefix('torch.')}): use one of {', '.join(usable)} or auto")
+            return requested
         key = (batch, p.dtype, torch.get_num_threads())
         if key not in self._backend_of:
             layers = [(m.weight, m.bias) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
