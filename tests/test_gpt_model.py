@@ -86,7 +86,7 @@ def test_forward_shapes_and_grid_checks():
 
 def force_backend(model: GPT, batch: int, backend: str) -> None:
     """Make setup_cache pick this matmul backend for the decode products instead of timing them."""
-    model._backend_of[(batch, next(model.parameters()).dtype, torch.get_num_threads())] = backend
+    model._backend_of[(batch, "cpu", next(model.parameters()).dtype, torch.get_num_threads())] = backend
 
 
 def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: bool = False,
@@ -150,7 +150,8 @@ def test_decode_backend_is_timed_once_and_numpy_limited_to_torch_threads():
     model = tiny(window=2, dtype=torch.float32)
     rng = torch.get_rng_state()
     model.setup_cache(3)
-    assert list(model._backend_of) == [(3, torch.float32, torch.get_num_threads())]  # timed for this batch
+    # timed for this batch, on this device: a model moved to the GPU must not keep a CPU-only choice
+    assert list(model._backend_of) == [(3, "cpu", torch.float32, torch.get_num_threads())]
     assert torch.equal(torch.get_rng_state(), rng)  # ... without drawing from the global RNG
     assert model.backend in matmul.backends(torch.device("cpu"), torch.float32)
     force_backend(model, 3, "numpy")

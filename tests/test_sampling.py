@@ -92,7 +92,7 @@ def test_float32_cache_draws_the_recomputed_tokens(window, batch, backend):
         pytest.skip(f"{backend} is not available in this torch build")
     torch.manual_seed(1)
     model = GPT(GPTConfig(64, 0, (6, 6), n_layer=2, n_head=4, n_embd=32, window_size=window)).eval()
-    model._backend_of[(batch, torch.float32, torch.get_num_threads())] = backend
+    model._backend_of[(batch, "cpu", torch.float32, torch.get_num_threads())] = backend
     codes, _ = generate(model, batch, seed=5, batch_size=batch)
     assert torch.equal(codes, generate(model, batch, seed=5, batch_size=batch, use_cache=False)[0])
 

@@ -269,7 +269,7 @@ class GPT(nn.Module):
         self._compiled = None  # torch.compile'd _decode, built on first use
         self._weights_version: tuple | None = None  # of the decode step's laid-out weights
         self._linears: dict[tuple, list] = {}  # (backend, batch) -> the decode step's layers and head
-        self._backend_of: dict[tuple, str] = {}  # (batch, dtype, threads) -> the fastest matmul backend
+        self._backend_of: dict[tuple, str] = {}  # (batch, device, dtype, threads) -> the fastest matmul backend
         self.backend = "torch"  # of the decode step set up last
 
     @staticmethod
@@ -436,8 +436,9 @@ class GPT(nn.Module):
 
     def _choose_backend(self, batch: int, requested: str) -> str:
         """The decode step's matmul backend: `requested` if it can run this model (else a ValueError naming those
-        that can), or for "auto" the one timed fastest, once per (batch, dtype, threads), on this model's weights.
-        Off the CPU (so for the compiled CUDA step too) torch's is the only one."""
+        that can), or for "auto" the one timed fastest, once per (batch, device, dtype, threads), on this model's
+        weights (a model moved to the GPU must not keep a CPU-only choice). Off the CPU (so for the compiled CUDA
+        step too) torch's is the only one."""
         p = next(self.parameters())
         if requested != "auto":
             usable = matmul.backends(p.device, p.dtype)
@@ -445,7 +446,7 @@ class GPT(nn.Module):
                 raise ValueError(f"the {requested!r} matmul backend cannot run this model ({p.device.type}, "
                                  f"{str(p.dtype).removeprefix('torch.')}): use one of {', '.join(usable)} or auto")
             return requested
-        key = (batch, p.dtype, torch.get_num_threads())
+        key = (batch, p.device.type, p.dtype, torch.get_num_threads())
         if key not in self._backend_of:
             layers = [(m.weight, m.bias) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp[0], b.mlp[2])]
             self._backend_of[key] = matmul.fastest(layers, batch)
