@@ -26,12 +26,15 @@ def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
     """Seconds for one layer's attention, forward + backward, on the whole grid: dense vs windowed (fastest of R)."""
     cfg, attn = model.config, model.blocks[0].attn
     grid, T, hd = cfg.grid_shape, 1 + cfg.grid_shape[0] * cfg.grid_shape[1], cfg.n_embd // cfg.n_head
-    q, k, v = (torch.randn(batch, cfg.n_head, T, hd, requires_grad=True) for _ in range(3))
-    grad = torch.randn(batch, cfg.n_head, T, hd)  # a real gradient: .sum()'s stride-0 one sends bmm down a slow path
+    qkv = torch.randn(batch, T, 3, cfg.n_head, hd, requires_grad=True)  # as the fused projection lays them out
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    grad = torch.randn(batch, T, cfg.n_embd)  # a real gradient: .sum()'s stride-0 one sends bmm down a slow path
     index, mask = model._attention_index(grid, q.device, q.dtype, windowed=False)
     w_index, w_mask = model._attention_index(grid, q.device, q.dtype, windowed=True)
-    dense = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None])  # noqa: E731
-    sparse = lambda: windowed_attention(q, k, v, attn.rel_bias, w_index, w_mask, grid, cfg.window)  # noqa: E731
+
+    def dense() -> torch.Tensor:  # and the transpose back to (B, T, C) that Attention.forward does after it
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None]).transpose(1, 2).flatten(2)
+    sparse = lambda: windowed_attention(qkv, attn.rel_bias, w_index, w_mask, grid, cfg.window)  # noqa: E731
     return fastest({False: lambda: dense().backward(grad), True: lambda: sparse().backward(grad)}, rounds)
 
 

@@ -261,18 +261,46 @@ def test_windowed_attention_equals_dense(grid, w):
     """The block-sparse attention gives the dense masked attention's outputs and gradients."""
     H, W = grid
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 1 + H * W, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(2, 1 + H * W, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     rel_bias = torch.randn(3, 2 * w * w + 1, dtype=torch.float64, requires_grad=True)
     index, visible = attention_index(grid, w, torch.device("cpu"))
     mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias[:, index] + mask)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias[:, index] + mask).transpose(1, 2).flatten(2)
     w_index, w_visible = window_rows_index(grid, w, torch.device("cpu"))
     w_mask = torch.zeros(w_visible.shape, dtype=torch.float64).masked_fill(~w_visible, float("-inf"))
-    sparse = windowed_attention(q, k, v, rel_bias, w_index, w_mask, grid, w)
+    sparse = windowed_attention(qkv, rel_bias, w_index, w_mask, grid, w)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(dense)
-    grads = torch.autograd.grad(dense, (q, k, v, rel_bias), g)
-    for a, b in zip(torch.autograd.grad(sparse, (q, k, v, rel_bias), g), grads):
+    grads = torch.autograd.grad(dense, (qkv, rel_bias), g)
+    for a, b in zip(torch.autograd.grad(sparse, (qkv, rel_bias), g), grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_windowed_attention_dropout_gradients():
+    """With attention dropout the hand-written backward is the derivative of the forward (each call drawing
+    the same dropout mask)."""
+    grid, w, p = (3, 4), 2, 0.3
+    qkv = torch.randn(2, 13, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    rel_bias = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    index, visible = window_rows_index(grid, w, torch.device("cpu"))
+    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+
+    def attend(qkv, rel_bias, p=p):
+        torch.manual_seed(1)
+        return windowed_attention(qkv, rel_bias, index, mask, grid, w, p)
+    assert torch.autograd.gradcheck(attend, (qkv, rel_bias))
+    assert not torch.allclose(attend(qkv, rel_bias), attend(qkv, rel_bias, 0.0))  # dropout did something
+
+
+def test_windowed_attention_compiles():
+    """torch.compile (train --compile) captures the hand-written forward and backward: same loss and gradients
+    (aot_eager: the same graph capture and compiled backward as inductor, without its C++ code generation)."""
+    model = tiny(window=2, grid=(6, 7)).train()
+    tokens = torch.randint(11, (2, 1 + 6 * 7))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    grads = [torch.autograd.grad(m(tokens).square().sum(), model.parameters()) for m in (model, compiled)]
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

@@ -109,33 +109,106 @@ def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device)
     return index, visible[None] & inside[:, None]
 
 
-def windowed_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor | None, index: Tensor, mask: Tensor,
-                       grid_shape: tuple[int, int], w: int, dropout_p: float = 0.0) -> Tensor:
-    """Block-sparse equivalent of the dense masked attention of a window model, (B, h, 1 + H*W, hd) each.
+def windowed_attention(qkv: Tensor, rel_bias: Tensor | None, index: Tensor, mask: Tensor, grid_shape: tuple[int, int],
+                       w: int, dropout_p: float = 0.0) -> Tensor:
+    """Block-sparse equivalent of the dense masked attention of a window model: qkv (B, 1 + H*W, 3, h, hd), the
+    fused projection's output as it comes; returns (B, 1 + H*W, h*hd), ready for the output projection.
 
     Every grid row's W queries attend to a frame of w*(1+W) keys, the w rows ending at their own, each row
     headed by a copy of the prefix (index (W, w*(1+W)) and additive mask (H, W, w*(1+W)) from
-    window_rows_index), instead of all 1 + H*W keys: the work falls by about H/w. The frames are overlapping
-    views of one (rows, (1+W)*hd) table, so the batched matmuls read them in place, with nothing gathered; a
-    frame reaching above the grid reads the previous head's last rows (or zero padding), which the mask hides.
-    The prefix query sees only itself, so its output is its own value.
+    window_rows_index), instead of all 1 + H*W keys: the work falls by about H/w. The prefix query sees only
+    itself, so its output is its own value.
     """
-    B, h, _, hd = q.shape
-    H, W = grid_shape
-    n = B * h * H
+    bias = mask if rel_bias is None else rel_bias[:, index].to(qkv.dtype)[:, None] + mask  # (h, H, W, w*(1+W))
+    return _WindowedAttention.apply(qkv, bias, grid_shape, w, dropout_p)
 
-    def frames(t: Tensor) -> Tensor:  # (n, w*(1+W), hd): the frame of every (batch, head, grid row)
-        rows = torch.cat([t[:, :, :1, None].expand(B, h, H, 1, hd), t[:, :, 1:].view(B, h, H, W, hd)], 3)
-        table = F.pad(rows.view(n, (1 + W) * hd), (0, 0, w - 1, 0))
-        return table.unfold(0, w, 1).mT.reshape(n, w * (1 + W), hd)
 
-    scores = torch.bmm(q[:, :, 1:].reshape(n, W, hd) * (1.0 / math.sqrt(hd)), frames(k).mT).view(B, h, H, W, -1)
-    if rel_bias is not None:
-        mask = rel_bias[:, index].to(q.dtype)[:, None] + mask  # (h, H, W, w*(1+W))
-    att = (scores + mask).view(n, W, -1).softmax(-1)
-    att = F.dropout(att, dropout_p) if dropout_p else att
-    y = torch.bmm(att, frames(v))  # (n, W, hd)
-    return torch.cat([v[:, :, :1], y.view(B, h, H * W, hd)], 2)
+class _WindowedAttention(torch.autograd.Function):
+    """windowed_attention's forward and backward, written out: through autograd the same ops took 1.4-1.6x as
+    long (benchmarks/gpt_train_speed.py, attention only), in unfold_backward's scatter of the overlapping frames,
+    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are laid out for the batched matmuls once,
+    their gradients land in one (B, T, 3, h, hd) tensor, and the frames' gradients are summed by one strided
+    reduction.
+
+    Keys and values are tables of rows (B*h*H grid rows, each headed by a prefix copy), with w-1 zero rows
+    before them; a row's frame is the w table rows ending at its own: an overlapping view that the batched
+    matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the zero
+    rows), which the mask hides (and their gradients are exactly zero).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, grid: tuple[int, int], w: int, dropout_p: float) -> Tensor:
+        B, T, _, h, hd = qkv.shape
+        H, W = grid
+        n = B * h * H
+
+        def by_rows(t: Tensor) -> Tensor:  # (B, T-1, h, hd) codes -> (B, h, H, W, hd)
+            return t.view(B, H, W, h, hd).permute(0, 3, 1, 2, 4)
+        q = qkv.new_empty(B, h, H, W, hd).copy_(by_rows(qkv[:, 1:, 0])).view(n, W, hd).mul_(hd ** -0.5)
+        tables = []
+        for s in (1, 2):  # keys, values
+            table = qkv.new_empty(w - 1 + n, 1 + W, hd)
+            table[:w - 1] = 0
+            rows = table[w - 1:].view(B, h, H, 1 + W, hd)
+            rows[:, :, :, 0] = qkv[:, 0, s, :, None]
+            rows[:, :, :, 1:] = by_rows(qkv[:, 1:, s])
+            tables.append(table)
+        k, v = (_frames(t, w) for t in tables)
+        att = torch.bmm(q, k.mT)
+        att.view(B, h, H, W, -1).add_(bias)
+        att = att.softmax(-1)
+        noise = F.dropout(torch.ones_like(att), dropout_p) if dropout_p else None  # = F.dropout(att)'s draws
+        y = torch.bmm(att if noise is None else att * noise, v)
+        out = qkv.new_empty(B, T, h, hd)
+        out[:, 0] = qkv[:, 0, 2]
+        out[:, 1:].view(B, H, W, h, hd).copy_(y.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
+        ctx.save_for_backward(q, *tables, att, noise)
+        ctx.grid, ctx.w = grid, w
+        return out.view(B, T, h * hd)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None, None]:
+        q, k_table, v_table, att, noise = ctx.saved_tensors
+        (H, W), w = ctx.grid, ctx.w
+        n, hd = q.shape[0], q.shape[2]
+        B, T, h = grad.shape[0], grad.shape[1], n // (grad.shape[0] * H)
+        grad = grad.contiguous().view(B, T, h, hd)  # a loss like .sum() sends a stride-0 one
+        dy = grad[:, 1:].view(B, H, W, h, hd).permute(0, 3, 1, 2, 4).reshape(n, W, hd)
+        d_att = torch.bmm(dy, _frames(v_table, w).mT)
+        if noise is not None:
+            d_att.mul_(noise)
+        d_scores = torch._softmax_backward_data(d_att, att, -1, att.dtype)
+        d_bias = d_scores.view(B, h, H, W, -1).sum(0) if ctx.needs_input_grad[1] else None
+        d_qkv = grad.new_empty(B, T, 3, h, hd)
+        d_qkv[:, 0, 0] = 0  # the prefix query attends to nothing
+        d_q = torch.bmm(d_scores, _frames(k_table, w)).mul_(hd ** -0.5)
+        d_qkv[:, 1:, 0].view(B, H, W, h, hd).copy_(d_q.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
+        dropped = att if noise is None else att * noise
+        for s, (a, b) in ((1, (d_scores.mT, q)), (2, (dropped.mT, dy))):
+            rows = _unframe(a, b, w)[w - 1:].view(B, h, H, 1 + W, hd)
+            d_qkv[:, 0, s] = rows[:, :, :, 0].sum(2)  # the prefix's copies
+            d_qkv[:, 1:, s].view(B, H, W, h, hd).copy_(rows[:, :, :, 1:].permute(0, 2, 3, 1, 4))
+        d_qkv[:, 0, 2] += grad[:, 0]  # the prefix query's output is its value
+        return d_qkv, d_bias, None, None, None
+
+
+def _frames(table: Tensor, w: int) -> Tensor:
+    """(n, w*(1+W), hd) view of a (w-1+n, 1+W, hd) table: frame f is table rows f..f+w-1."""
+    rows, width, hd = table.shape
+    return table.view(rows, width * hd).unfold(0, w, 1).mT.reshape(rows - w + 1, w * width, hd)
+
+
+def _unframe(a: Tensor, b: Tensor, w: int) -> Tensor:
+    """The gradient (w-1+n, (1+W)*hd) of a table from its frames' gradients bmm(a, b), (n, w*(1+W), hd): each
+    table row sums its w frames' blocks. The bmm writes into a buffer padded with w-1 zero frames on both sides,
+    where row r's blocks (frame r-o, block o) are equally spaced: one strided sum adds them up."""
+    n, L, hd = a.shape[0], a.shape[1], b.shape[2]
+    R = L // w * hd
+    buf = a.new_empty(n + 2 * (w - 1), L * hd)
+    buf[:w - 1] = 0
+    buf[n + w - 1:] = 0
+    torch.bmm(a, b, out=buf[w - 1:n + w - 1].view(n, L, hd))
+    return buf.as_strided((n + w - 1, w, R), (w * R, (w - 1) * R, 1), (w - 1) * R).sum(1)
 
 
 def position_index(n: int, trained: int, device: torch.device) -> Tensor:
@@ -215,13 +288,14 @@ class Attention(nn.Module):
         """Dense masked attention with (T, T) index/mask, or plain causal attention if both are None; or, with
         `grid` (a window model, x covering the whole grid), windowed_attention with window_rows_index's."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            cache.fill(k, v)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         p = self.dropout if self.training else 0.0
         if grid is not None:
-            y = windowed_attention(q, k, v, self.rel_bias, index, mask, grid, self.window, p)
-        elif mask is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
+            return self.resid_drop(self.proj(windowed_attention(qkv, self.rel_bias, index, mask, grid, self.window, p)))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            cache.fill(k, v)
+        if mask is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             bias = mask if self.rel_bias is None else self.rel_bias[:, index].to(q.dtype) + mask  # differentiable gather
