@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -70,10 +71,16 @@ def main() -> None:
     print(f"1. model {layers}L {heads}H {width}d K={K}, window w={w}, grid {size}x{size} (T={1 + size * size}), "
           f"batch {args.batch_size}, fastest of {args.rounds}; max |logit sparse - dense| = {diff:.1e}")
     att = attention_only(model, args.batch_size, args.rounds)
-    print(f"  {'attention':<28}{'s/step':>9}{'seq/s':>9}{'speed-up':>10}{'attention only, s':>19}{'speed-up':>10}")
+    kernel = {False: kernel_share(dense_step), True: kernel_share(sparse_step)}
+    print(f"  {'attention':<28}{'s/step':>9}{'seq/s':>9}{'speed-up':>10}{'attention only, s':>19}{'speed-up':>10}"
+          f"{'in the kernel':>15}")
     for sparse, name in ((False, "dense masked (SDPA)"), (True, "block-sparse windowed")):
         print(f"  {name:<28}{best[sparse]:>9.3f}{args.batch_size / best[sparse]:>9.2f}"
-              f"{best[False] / best[sparse]:>9.2f}x{att[sparse]:>19.3f}{att[False] / att[sparse]:>9.2f}x")
+              f"{best[False] / best[sparse]:>9.2f}x{att[sparse]:>19.3f}{att[False] / att[sparse]:>9.2f}x"
+              f"{kernel[sparse]:>14.0%}")
+    print("  (in the kernel: share of a step's CPU time spent in the OS, mostly page faults: glibc hands allocations\n"
+          "  over 32 MB, like the dense path's T x T scores, back to the OS when freed, and every step faults them in\n"
+          "  again; MALLOC_MMAP_THRESHOLD_=4294967296 in the environment avoids that)")
 
     # 2. full attention: the relative bias (a float mask) vs --no-rel-bias (SDPA's causal kernel, flash on GPU)
     models = {bias: GPT(GPTConfig(K, 0, (size, size), layers, heads, width, window_size=0, rel_bias=bias)).train()
@@ -84,6 +91,15 @@ def main() -> None:
     print(f"  {'attention':<38}{'s/step':>9}{'speed-up':>10}")
     for bias, name in ((True, "relative bias: float mask (SDPA)"), (False, "--no-rel-bias: is_causal (SDPA)")):
         print(f"  {name:<38}{best[bias]:>9.3f}{best[True] / best[bias]:>9.2f}x")
+
+
+def kernel_share(step) -> float:
+    """Share of one call's CPU time spent in the kernel (system time)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    system = after.ru_stime - before.ru_stime
+    return system / max(system + after.ru_utime - before.ru_utime, 1e-9)
 
 
 def train_step(model: GPT, seq: torch.Tensor):
