@@ -104,7 +104,12 @@ def test_generate_with_a_pinned_matmul_backend(chain):
         res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "2", "--seed", "3",
                      "--matmul", backend)
         assert res.exit_code == 0, res.output
-        assert mlflow.get_run(last_line(res.stdout)).data.params["matmul"] == backend
+        run = mlflow.get_run(last_line(res.stdout))
+        assert run.data.params["matmul"] == backend and run.data.tags["matmul_used"] == backend
+    res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "3", "--batch-size", "2")
+    assert res.exit_code == 0, res.output  # batches of 2 and 1: auto times each size
+    used = mlflow.get_run(last_line(res.stdout)).data.tags["matmul_used"].split(",")
+    assert 1 <= len(used) <= 2 and set(used) <= set(backends(torch.device("cpu"), torch.float32))
 
 
 def test_larger_latent_grid_decodes_to_larger_image(chain):

@@ -179,6 +179,8 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
             nrow = distinct if 1 < distinct <= 16 else 8
             grid_image(images, nrow=nrow, captions=names if labels is not None else None).save(out / "grid.png")
         mlflow.log_metric("generate/mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
+        if cfg.cache:  # what --matmul auto picked (per batch size: a last, smaller chunk can differ)
+            mlflow.set_tag("matmul_used", ",".join(sorted(model.backends_used)))
         return run.info.run_id
 
 

@@ -344,6 +344,7 @@ class GPT(nn.Module):
         self._weights_version: tuple | None = None  # of the decode step's laid-out weights
         self._linears: dict[tuple, list] = {}  # (backend, batch) -> the decode step's layers and head
         self._backend_of: dict[tuple, str] = {}  # (batch, device, dtype, threads) -> the fastest matmul backend
+        self.backends_used: set[str] = set()  # by every setup_cache so far (generate logs them)
         self.backend = "torch"  # of the decode step set up last
 
     @staticmethod
@@ -481,6 +482,7 @@ class GPT(nn.Module):
         # CUDA only: on CPU the compiled step measured slower than this eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
         self.backend = self._choose_backend(batch_size, backend)
+        self.backends_used.add(self.backend)
         self._decode_layers, self._decode_head = self._laid_out(self.backend, batch_size)
         if self._use_compiled and self._compiled is None:
             self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
