@@ -293,6 +293,30 @@ def test_windowed_attention_dropout_gradients():
     assert not torch.allclose(attend(qkv, rel_bias), attend(qkv, rel_bias, 0.0))  # dropout did something
 
 
+def test_windowed_attention_float32_softmax_of_half_inputs(monkeypatch):
+    """CUDA autocast runs softmax in float32 on bfloat16 scores; the hand-written backward then mixes the two
+    dtypes (simulated here on the CPU, whose autocast keeps softmax in bfloat16): gradients still match float64."""
+    grid, w = (4, 5), 2
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 21, 3, 2, 4, dtype=torch.float64)
+    rel_bias = torch.randn(2, 9, dtype=torch.float64)
+    index, visible = window_rows_index(grid, w, torch.device("cpu"))
+    g = torch.randn(2, 21, 8, dtype=torch.float64)
+
+    def grads(dtype):
+        x, b = qkv.to(dtype).requires_grad_(), rel_bias.clone().requires_grad_()
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+        out = windowed_attention(x, b, index, mask, grid, w, 0.1)
+        return torch.autograd.grad(out, (x, b), g.to(dtype))
+    torch.manual_seed(1)
+    expected = grads(torch.float64)
+    softmax = torch.Tensor.softmax
+    monkeypatch.setattr(torch.Tensor, "softmax", lambda t, dim: softmax(t, dim, dtype=torch.float32))
+    torch.manual_seed(1)
+    for a, b in zip(grads(torch.bfloat16), expected):
+        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+
+
 def test_windowed_attention_compiles():
     """torch.compile (train --compile) captures the hand-written forward and backward: same loss and gradients
     (aot_eager: the same graph capture and compiled backward as inductor, without its C++ code generation)."""

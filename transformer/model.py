@@ -156,9 +156,9 @@ class _WindowedAttention(torch.autograd.Function):
         k, v = (_frames(t, w) for t in tables)
         att = torch.bmm(q, k.mT)
         att.view(B, h, H, W, -1).add_(bias)
-        att = att.softmax(-1)
+        att = att.softmax(-1)  # float32 under CUDA autocast: the casts below are no-ops otherwise
         noise = F.dropout(torch.ones_like(att), dropout_p) if dropout_p else None  # = F.dropout(att)'s draws
-        y = torch.bmm(att if noise is None else att * noise, v)
+        y = torch.bmm((att if noise is None else att * noise).to(v.dtype), v)
         out = qkv.new_empty(B, T, h, hd)
         out[:, 0] = qkv[:, 0, 2]
         out[:, 1:].view(B, H, W, h, hd).copy_(y.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
@@ -177,13 +177,13 @@ class _WindowedAttention(torch.autograd.Function):
         d_att = torch.bmm(dy, _frames(v_table, w).mT)
         if noise is not None:
             d_att.mul_(noise)
-        d_scores = torch._softmax_backward_data(d_att, att, -1, att.dtype)
+        d_scores = torch._softmax_backward_data(d_att.to(att.dtype), att, -1, att.dtype).to(q.dtype)
         d_bias = d_scores.view(B, h, H, W, -1).sum(0) if ctx.needs_input_grad[1] else None
         d_qkv = grad.new_empty(B, T, 3, h, hd)
         d_qkv[:, 0, 0] = 0  # the prefix query attends to nothing
         d_q = torch.bmm(d_scores, _frames(k_table, w)).mul_(hd ** -0.5)
         d_qkv[:, 1:, 0].view(B, H, W, h, hd).copy_(d_q.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
-        dropped = att if noise is None else att * noise
+        dropped = (att if noise is None else att * noise).to(q.dtype)
         for s, (a, b) in ((1, (d_scores.mT, q)), (2, (dropped.mT, dy))):
             rows = _unframe(a, b, w)[w - 1:].view(B, h, H, 1 + W, hd)
             d_qkv[:, 0, s] = rows[:, :, :, 0].sum(2)  # the prefix's copies
