@@ -112,8 +112,8 @@ def decode_all(model: GPT, tokens: torch.Tensor, grid, n_prefill: int, static: b
     (2, (4, 5), (9, 11), 40),  # larger grid with a long context (ring partly overwritten)
     (5, (4, 5), (3, 4), 2),    # window larger than the grid
 ])
-@pytest.mark.parametrize("static,blas", [(False, "torch"), (False, "numpy"), (True, "torch")],
-                         ids=["eager", "eager-numpy", "static"])  # float64: oneDNN's is tested in float32 below
+@pytest.mark.parametrize("static,blas", [(False, "torch"), (False, "numpy"), (False, "numpy-rows"), (True, "torch")],
+                         ids=["eager", "eager-numpy", "eager-numpy-rows", "static"])  # float64: oneDNN's is tested in float32 below
 @pytest.mark.parametrize("pos_emb,rel_bias", [("rowcol", True), ("none", True), ("rowcol", False)])
 def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, blas, pos_emb, rel_bias):
     model = tiny(window, grid, pos_emb=pos_emb, rel_bias=rel_bias)
@@ -124,6 +124,16 @@ def test_cache_matches_recompute(window, grid, gen_grid, n_prefill, static, blas
         full = model(tokens, gen_grid)
         cached = decode_all(model, tokens, gen_grid, n_prefill, static, blas)
     torch.testing.assert_close(cached, full[:, n_prefill - 1:], rtol=1e-10, atol=1e-10)
+
+
+def test_one_row_decode_through_numpy_rows_matches_recompute():
+    """numpy-rows lays narrowing layers out as (out, in) rows only for one-row batches: decode one sequence."""
+    model = tiny(window=2)
+    with torch.inference_mode():
+        tokens = torch.randint(11, (1, 21))
+        tokens[:, 0] = model.config.sos_id
+        torch.testing.assert_close(decode_all(model, tokens, (4, 5), 1, blas="numpy-rows"), model(tokens),
+                                   rtol=1e-10, atol=1e-10)
 
 
 def test_decode_weights_follow_weight_updates():
@@ -172,7 +182,7 @@ def test_pinned_decode_backend_is_used_untimed_and_checked():
     model.setup_cache(3, backend="numpy")
     assert model.backend == "numpy" and not model._backend_of  # pinned: nothing timed
     with pytest.raises(ValueError, match=r"'onednn' matmul backend cannot run this model \(cpu, float64\): use one "
-                                         r"of torch, numpy or auto"):
+                                         r"of torch, numpy, numpy-rows or auto"):
         tiny(window=2, dtype=torch.float64).setup_cache(3, backend="onednn")
 
 
@@ -187,16 +197,19 @@ def test_decode_keeps_at_most_two_weight_layouts():
     assert sorted(model._linears) == [("onednn", 5), ("onednn", 6)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy", "onednn"])
+@pytest.mark.parametrize("backend", matmul.BACKENDS)
 @pytest.mark.parametrize("batch", [1, 5])
-def test_matmul_backends_compute_the_linear_layer(backend, batch):
+@pytest.mark.parametrize("width", [(48, 80), (80, 48)])  # widening, narrowing (numpy-rows' (out, in) layout at batch 1)
+def test_matmul_backends_compute_the_linear_layer(backend, batch, width):
     if backend not in matmul.backends(torch.device("cpu"), torch.float32):
         pytest.skip(f"{backend} is not available in this torch build")
     torch.manual_seed(0)
-    layer, x = nn.Linear(48, 80), torch.randn(batch, 48)
+    layer, x = nn.Linear(*width), torch.randn(batch, width[0])
     with torch.inference_mode():
         torch.testing.assert_close(matmul.linear(backend, layer.weight, layer.bias, batch)(x), layer(x))
         torch.testing.assert_close(matmul.linear(backend, layer.weight, None, batch)(x), x @ layer.weight.T)
+    with pytest.raises(ValueError, match="unknown matmul backend 'blas'; expected one of torch, numpy, numpy-rows"):
+        matmul.linear("blas", layer.weight, layer.bias, batch)
 
 
 def test_cache_memory_bounded_by_window():

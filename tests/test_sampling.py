@@ -83,7 +83,7 @@ def test_cache_equals_recompute(case):
         assert torch.equal(codes[:, :r], kwargs["context"].expand(4, -1, -1))
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy", "onednn"])
+@pytest.mark.parametrize("backend", matmul.BACKENDS)
 @pytest.mark.parametrize("window,batch", [(0, 5), (0, 1), (3, 4)])
 def test_float32_cache_draws_the_recomputed_tokens(window, batch, backend):
     """In float32 (what generate runs) the fast decode step's rounding differs from the full forward's, but

@@ -530,7 +530,7 @@ class GPT(nn.Module):
 
     def decode_threads(self) -> AbstractContextManager:
         """Context to run decode steps in: numpy's BLAS limited to torch's thread count when the step uses it."""
-        return matmul.blas_threads(torch.get_num_threads()) if self.backend == "numpy" else nullcontext()
+        return matmul.blas_threads(torch.get_num_threads()) if self.backend.startswith("numpy") else nullcontext()
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """Run [prefix, context codes...] (B, T), filling the cache; logits (B, K) of the last token."""
