@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transformer import matmul
-from transformer.model import GPT, GPTConfig, attention_index, position_index, windowed_attention, window_rows_index
+from transformer.model import (GPT, GPTConfig, _additive, attention_index, position_index, windowed_attention,
+                               window_rows_index)
 
 
 def tiny(window: int = 0, grid=(4, 5), classes: int = 3, K: int = 11, dtype=torch.float64, seed: int = 0,
@@ -278,10 +279,10 @@ def test_windowed_attention_equals_dense(grid, w):
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     rel_bias = torch.randn(3, 2 * w * w + 1, dtype=torch.float64, requires_grad=True)
     index, visible = attention_index(grid, w, torch.device("cpu"))
-    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+    mask = _additive(visible, torch.float64)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias[:, index] + mask).transpose(1, 2).flatten(2)
     w_index, w_visible = window_rows_index(grid, w, torch.device("cpu"))
-    w_mask = torch.zeros(w_visible.shape, dtype=torch.float64).masked_fill(~w_visible, float("-inf"))
+    w_mask = _additive(w_visible, torch.float64)
     sparse = windowed_attention(qkv, rel_bias, w_index, w_mask, grid, w)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(dense)
@@ -297,7 +298,7 @@ def test_windowed_attention_dropout_gradients():
     qkv = torch.randn(2, 13, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     rel_bias = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     index, visible = window_rows_index(grid, w, torch.device("cpu"))
-    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+    mask = _additive(visible, torch.float64)
 
     def attend(qkv, rel_bias, p=p):
         torch.manual_seed(1)
@@ -318,7 +319,7 @@ def test_windowed_attention_float32_softmax_of_half_inputs(monkeypatch):
 
     def grads(dtype):
         x, b = qkv.to(dtype).requires_grad_(), rel_bias.clone().requires_grad_()
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+        mask = _additive(visible, dtype)
         out = windowed_attention(x, b, index, mask, grid, w, 0.1)
         return torch.autograd.grad(out, (x, b), g.to(dtype))
     torch.manual_seed(1)

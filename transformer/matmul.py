@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 Linear = Callable[[Tensor], Tensor]
-BACKENDS = ("torch", "numpy", "numpy-rows", "onednn")
+NUMPY = ("numpy", "numpy-rows")  # the backends that run on numpy's BLAS
+BACKENDS = ("torch", *NUMPY, "onednn")
 _BLAS_THREADS = None  # threadpoolctl controller of the BLAS libraries numpy loaded, made on first use
 
 
@@ -34,7 +35,7 @@ def backends(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
         return ("torch",)
     found = ["torch"]
     if dtype in (torch.float32, torch.float64):
-        found += ["numpy", "numpy-rows"]
+        found += NUMPY
     if (dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         found.append("onednn")

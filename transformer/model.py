@@ -126,9 +126,9 @@ def windowed_attention(qkv: Tensor, rel_bias: Tensor | None, index: Tensor, mask
 class _WindowedAttention(torch.autograd.Function):
     """windowed_attention's forward and backward, written out: through autograd the same ops took 1.4-1.6x as
     long (benchmarks/gpt_train_speed.py, attention only), in unfold_backward's scatter of the overlapping frames,
-    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are laid out for the batched matmuls once,
-    their gradients land in one (B, T, 3, h, hd) tensor, and the frames' gradients are summed by one strided
-    reduction.
+    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are
+    laid out for the batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames'
+    gradients are summed by one strided reduction.
 
     Keys and values are tables of rows (B*h*H grid rows, each headed by a prefix copy), with w-1 zero rows
     before them; a row's frame is the w table rows ending at its own: an overlapping view that the batched
@@ -530,7 +530,7 @@ class GPT(nn.Module):
 
     def decode_threads(self) -> AbstractContextManager:
         """Context to run decode steps in: numpy's BLAS limited to torch's thread count when the step uses it."""
-        return matmul.blas_threads(torch.get_num_threads()) if self.backend.startswith("numpy") else nullcontext()
+        return matmul.blas_threads(torch.get_num_threads()) if self.backend in matmul.NUMPY else nullcontext()
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """Run [prefix, context codes...] (B, T), filling the cache; logits (B, K) of the last token."""
