@@ -137,6 +137,19 @@ def test_one_row_decode_through_numpy_rows_matches_recompute():
                                    rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("blas", matmul.NUMPY)
+def test_numpy_decode_switches_batch_sizes(blas):
+    """The numpy backends lay out weights (numpy-rows: as rows at batch 1 only) and output buffers per batch size:
+    a model that decoded one row and then decodes three (a server, generate's last chunk) must not reuse them."""
+    model = tiny(window=2)
+    with torch.inference_mode():
+        tokens = torch.randint(11, (3, 21))
+        tokens[:, 0] = model.config.sos_id
+        for rows in (1, 3, 1):
+            torch.testing.assert_close(decode_all(model, tokens[:rows], (4, 5), 1, blas=blas), model(tokens[:rows]),
+                                       rtol=1e-10, atol=1e-10)
+
+
 def test_decode_weights_follow_weight_updates():
     """setup_cache keeps its laid-out weights until a weight changes in place (an optimizer step,
     load_state_dict), then the decode step uses the new weights."""
@@ -209,6 +222,12 @@ def test_matmul_backends_compute_the_linear_layer(backend, batch, width):
     with torch.inference_mode():
         torch.testing.assert_close(matmul.linear(backend, layer.weight, layer.bias, batch)(x), layer(x))
         torch.testing.assert_close(matmul.linear(backend, layer.weight, None, batch)(x), x @ layer.weight.T)
+        out = torch.full((batch, width[1]), float("nan"))
+        f = matmul.linear(backend, layer.weight, layer.bias, batch, out)
+        for _ in range(2):  # a second call overwrites the first result (bias added once)
+            y = f(x)
+            torch.testing.assert_close(y, layer(x))
+        assert (y.data_ptr() == out.data_ptr()) == (backend in matmul.NUMPY)  # the numpy ones write into `out`
     with pytest.raises(ValueError, match="unknown matmul backend 'blas'; expected one of torch, numpy, numpy-rows"):
         matmul.linear("blas", layer.weight, layer.bias, batch)
 

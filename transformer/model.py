@@ -460,11 +460,11 @@ class GPT(nn.Module):
         visible = torch.where(is_prefix, slots == start[:, None], visible)
         # positions sharing a bias pattern share a table row: the tables stay small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
-        # every layer's bias table as rows (layer, head), with a last column of -inf that invisible slots index:
-        # one index_select per step gathers bias and mask for all layers
+        # every layer's bias table, (layer, head) by bias column, with a last column of -inf that invisible slots
+        # index: one index_select per step gathers bias and mask for all layers (from the transpose: whole rows)
         table = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
                  torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
-        self._rel_bias = F.pad(table, (0, 1), value=float("-inf"))
+        self._rel_bias_t = F.pad(table, (0, 1), value=float("-inf")).t().contiguous()
         self._pattern_index = torch.where(patterns >= 0, patterns, table.shape[1])
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
@@ -494,19 +494,22 @@ class GPT(nn.Module):
         """Per block (ln1, qkv, proj, ln2, fc, out) with each norm as (weight, bias, eps) and each Linear a
         matmul.linear of `backend`; and the head (final norm folded in). The last two layouts are kept until a
         weight changes."""
-        key = (backend, batch if backend == "onednn" else 0)  # oneDNN lays the weights out for the batch size
+        # per batch size but for torch's: oneDNN lays the weights out for it, numpy-rows only at batch 1, and the
+        # numpy backends write into output buffers of the batch's size
+        key = (backend, batch if backend != "torch" else 0)
         if key not in self._linears:
             if len(self._linears) == 2:  # a full chunk's and the last chunk's; more would pile up 25 MB copies
                 del self._linears[next(iter(self._linears))]
 
-            def lin(m: nn.Linear) -> matmul.Linear:
-                return matmul.linear(backend, m.weight, m.bias, batch)
+            def lin(m: nn.Linear, buffer: bool = True) -> matmul.Linear:  # the head's logits leave the step: fresh
+                out = m.weight.new_empty(batch, m.out_features) if buffer and backend in matmul.NUMPY else None
+                return matmul.linear(backend, m.weight, m.bias, batch, out)
 
             def norm(m: nn.LayerNorm) -> tuple:
                 return m.weight, m.bias, m.eps
             layers = [(norm(b.ln1), lin(b.attn.qkv), lin(b.attn.proj), norm(b.ln2), lin(b.mlp[0]), lin(b.mlp[2]))
                       for b in self.blocks]
-            head, ln_f, C = lin(self.head), norm(self.ln_f), self.config.n_embd
+            head, ln_f, C = lin(self.head, buffer=False), norm(self.ln_f), self.config.n_embd
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
 
@@ -552,7 +555,7 @@ class GPT(nn.Module):
         """Every layer's scores before the keys: relative bias + mask over the first `length` slots a step reads,
         (layers, B*h, 1, length), laid out per batch row so each layer's baddbmm adds it as it multiplies."""
         n, B, h = len(self.blocks), self._cache_key[0], self.config.n_head
-        bias = self._rel_bias.index_select(1, self._pattern_index[pattern, :length]).view(n, 1, h, 1, length)
+        bias = self._rel_bias_t.index_select(0, self._pattern_index[pattern, :length]).t().view(n, 1, h, 1, length)
         return bias.expand(n, B, h, 1, length).reshape(n, B * h, 1, length)
 
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
