@@ -39,37 +39,70 @@ def best_times(fns: list, rounds: int) -> list[tuple[float, object]]:
     return best
 
 
+class OfficialAttention(torch.nn.Module):
+    """taming's mingpt CausalSelfAttention with `layer_past`, on our block's weights: separate key, query and value
+    projections (ours fuses them into one), the new key/value stacked into `present`, the past concatenated on,
+    attention dropout (a no-op in eval, but a call). The relative bias is ours: the official model has none."""
+
+    def __init__(self, attn: torch.nn.Module, n_head: int) -> None:
+        super().__init__()
+        C = attn.proj.in_features
+        self.key, self.query, self.value = (torch.nn.Linear(C, C) for _ in range(3))
+        for s, lin in zip((1, 0, 2), (self.key, self.query, self.value)):  # our fused rows: q, k, v
+            lin.weight.data.copy_(attn.qkv.weight[s * C:(s + 1) * C])
+            lin.bias.data.copy_(attn.qkv.bias[s * C:(s + 1) * C])
+        self.attn_drop, self.resid_drop, self.proj = torch.nn.Dropout(attn.dropout), attn.resid_drop, attn.proj
+        self.n_head = n_head
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, layer_past: torch.Tensor | None):
+        B, T, C = x.size()
+        k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        present = torch.stack((k, v))
+        if layer_past is not None:
+            past_key, past_value = layer_past
+            k = torch.cat((past_key, k), dim=-2)
+            v = torch.cat((past_value, v), dim=-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))) + bias
+        att = self.attn_drop(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y)), present
+
+
 @torch.inference_mode()
 def concat_cache_generate(model: GPT, num_samples: int, seed: int = 0) -> torch.Tensor:
-    """taming/minGPT "past" decoding: every step concatenates the per-step presents into the past, and each
-    layer concatenates its new key/value onto it. Same weights, bias and uniforms as generate()."""
+    """taming's cached sampler (`sample_with_past` calling mingpt's `forward_with_past`), op for op on our
+    weights: every step concatenates the per-step presents into the past, and each layer concatenates its new
+    key/value onto it. Same bias and uniforms as generate(), so the same tokens."""
     cfg, (H, W) = model.config, model.config.grid_shape
     model.eval()
-    h, hd = cfg.n_head, cfg.n_embd // cfg.n_head
     u = torch.rand(num_samples, H * W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     index, mask = model._attention_index((H, W), torch.device("cpu"), torch.float32, windowed=False)
     pos = model.positions((H, W))  # the code fed at step t >= 1 sits at raster position t - 1
     biases = [blk.attn.rel_bias[:, index] + mask for blk in model.blocks]  # (h, T, T), built once
+    attns = [OfficialAttention(blk.attn, cfg.n_head).eval() for blk in model.blocks]
+    temperature = 1.0
     x = torch.full((num_samples, 1), cfg.sos_id)
-    out, past = [], []
+    out, past = [], None
     for t in range(H * W):
-        layer_past = torch.cat(past, dim=-2) if past else None  # (L, 2, B, h, t, hd): a full copy each step
-        z = model.tok_emb(x) if pos is None or t == 0 else model.tok_emb(x) + pos[t - 1]
+        # forward_with_past
+        z = model.tok_emb(x)
+        if past is not None:
+            past_t = torch.cat(past, dim=-2)  # (L, 2, B, h, t, hd): a full copy each step
+            assert past_t.shape[-2] == t
+        z = model.drop(z if pos is None or t == 0 else z + pos[t - 1])
         presents = []
-        for layer, blk in enumerate(model.blocks):
-            a = blk.ln1(z)
-            q, k, v = blk.attn.qkv(a).view(num_samples, 1, 3, h, hd).permute(2, 0, 3, 1, 4)
-            presents.append(torch.stack((k, v)))
-            if layer_past is not None:
-                k = torch.cat((layer_past[layer, 0], k), dim=-2)
-                v = torch.cat((layer_past[layer, 1], v), dim=-2)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + biases[layer][:, t:t + 1, :t + 1]
-            y = F.softmax(att, dim=-1) @ v
-            z = z + blk.attn.proj(y.transpose(1, 2).reshape(num_samples, 1, cfg.n_embd))
+        for layer, (blk, attn) in enumerate(zip(model.blocks, attns)):
+            a, present = attn(blk.ln1(z), biases[layer][:, t:t + 1, :t + 1], None if past is None else past_t[layer])
+            z = z + a
             z = z + blk.mlp(blk.ln2(z))
-        past.append(torch.stack(presents))
-        logits = model.head(model.ln_f(z[:, -1])).double()
-        x, _ = _sample_token(logits, u[:, t])
+            presents.append(present)
+        logits = model.head(model.ln_f(z))
+        past = [torch.stack(presents)] if past is None else past + [torch.stack(presents)]
+        # sample_with_past
+        logits = logits[:, -1, :] / temperature
+        x, _ = _sample_token(logits.double(), u[:, t])  # inverse CDF with our uniforms: the same tokens as ours
         x = x[:, None]
         out.append(x)
     return torch.cat(out, 1).view(num_samples, H, W)
