@@ -11,6 +11,7 @@ official sliding-window rule (see position_index), so it still generates any gri
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -460,11 +461,11 @@ class GPT(nn.Module):
         visible = torch.where(is_prefix, slots == start[:, None], visible)
         # positions sharing a bias pattern share a table row: the tables stay small on large grids
         patterns, pattern_of = torch.unique(torch.where(visible, index, -1), dim=0, return_inverse=True)
-        # every layer's bias table, (layer, head) by bias column, with a last column of -inf that invisible slots
-        # index: one index_select per step gathers bias and mask for all layers (from the transpose: whole rows)
+        # every layer's bias table as rows (layer, head), with a last column of -inf that invisible slots index:
+        # one index_select per step gathers bias and mask for all layers
         table = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
                  torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
-        self._rel_bias_t = F.pad(table, (0, 1), value=float("-inf")).t().contiguous()
+        self._rel_bias = F.pad(table, (0, 1), value=float("-inf"))
         self._pattern_index = torch.where(patterns >= 0, patterns, table.shape[1])
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
@@ -491,9 +492,10 @@ class GPT(nn.Module):
                 torch._dynamo.mark_static_address(cache.kv)
 
     def _laid_out(self, backend: str, batch: int) -> tuple[list[tuple], matmul.Linear]:
-        """Per block (ln1, qkv, proj, ln2, fc, out) with each norm as (weight, bias, eps) and each Linear a
-        matmul.linear of `backend`; and the head (final norm folded in). The last two layouts are kept until a
-        weight changes."""
+        """Per block (ln1, qkv, split, proj, ln2, fc, out) with each norm as (weight, bias, eps), each Linear a
+        matmul.linear of `backend` and split taking qkv's output to the queries (B*h, 1, hd) and the keys/values
+        (2, B, h, hd) (at batch 1, views made once of the buffer qkv writes into); and the head (final norm folded in).
+        The last two layouts are kept until a weight changes."""
         # per batch size but for torch's: oneDNN lays the weights out for it, numpy-rows only at batch 1, and the
         # numpy backends write into output buffers of the batch's size
         key = (backend, batch if backend != "torch" else 0)
@@ -507,8 +509,20 @@ class GPT(nn.Module):
 
             def norm(m: nn.LayerNorm) -> tuple:
                 return m.weight, m.bias, m.eps
-            layers = [(norm(b.ln1), lin(b.attn.qkv), lin(b.attn.proj), norm(b.ln2), lin(b.mlp[0]), lin(b.mlp[2]))
-                      for b in self.blocks]
+            h, hd = self.config.n_head, self.config.n_embd // self.config.n_head
+
+            def split(q_kv: Tensor) -> tuple[Tensor, Tensor]:
+                q_kv = q_kv.view(batch, 3, h, hd)
+                return q_kv[:, 0].reshape(batch * h, 1, hd), q_kv[:, 1:].transpose(0, 1)
+
+            def qkv_split(m: nn.Linear) -> tuple[matmul.Linear, Callable]:
+                qkv = lin(m)
+                if backend not in matmul.NUMPY or batch > 1:  # several rows: the queries' reshape copies
+                    return qkv, split
+                views = split(qkv(m.weight.new_zeros(batch, m.in_features)))  # of its output buffer, every call
+                return qkv, lambda _: views
+            layers = [(norm(b.ln1), *qkv_split(b.attn.qkv), lin(b.attn.proj), norm(b.ln2), lin(b.mlp[0]),
+                       lin(b.mlp[2])) for b in self.blocks]
             head, ln_f, C = lin(self.head, buffer=False), norm(self.ln_f), self.config.n_embd
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
@@ -555,7 +569,7 @@ class GPT(nn.Module):
         """Every layer's scores before the keys: relative bias + mask over the first `length` slots a step reads,
         (layers, B*h, 1, length), laid out per batch row so each layer's baddbmm adds it as it multiplies."""
         n, B, h = len(self.blocks), self._cache_key[0], self.config.n_head
-        bias = self._rel_bias_t.index_select(0, self._pattern_index[pattern, :length]).t().view(n, 1, h, 1, length)
+        bias = self._rel_bias.index_select(1, self._pattern_index[pattern, :length]).view(n, 1, h, 1, length)
         return bias.expand(n, B, h, 1, length).reshape(n, B * h, 1, length)
 
     def _decode(self, token: Tensor, pos: Tensor | None, slot: int | Tensor, window: slice | Tensor,
@@ -568,13 +582,12 @@ class GPT(nn.Module):
         if pos is not None:
             x = x + pos
         B, C = x.shape
-        nh = self.config.n_head
-        hd = C // nh
-        for (ln1, qkv, proj, ln2, fc, out), cache, mask in zip(self._decode_layers, self._caches, bias):
-            q_kv = qkv(torch.layer_norm(x, (C,), *ln1)).view(B, 3, nh, hd)
-            cache.write(slot, q_kv[:, 1:].transpose(0, 1))
+        hd = C // self.config.n_head
+        for (ln1, qkv, split, proj, ln2, fc, out), cache, mask in zip(self._decode_layers, self._caches, bias):
+            q, kv = split(qkv(torch.layer_norm(x, (C,), *ln1)))
+            cache.write(slot, kv)
             k_t, v = cache.read(window)
-            att = torch.baddbmm(mask, q_kv[:, 0].reshape(B * nh, 1, hd), k_t, alpha=hd ** -0.5).softmax(-1)
+            att = torch.baddbmm(mask, q, k_t, alpha=hd ** -0.5).softmax(-1)
             x = x + proj(torch.bmm(att, v).view(B, C))
             x = x + out(F.gelu(fc(torch.layer_norm(x, (C,), *ln2))))
         return self._decode_head(x)
