@@ -137,10 +137,11 @@ def test_one_row_decode_through_numpy_rows_matches_recompute():
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("blas", matmul.NUMPY)
-def test_numpy_decode_switches_batch_sizes(blas):
-    """The numpy backends lay out weights (numpy-rows: as rows at batch 1 only) and output buffers per batch size:
-    a model that decoded one row and then decodes three (a server, generate's last chunk) must not reuse them."""
+@pytest.mark.parametrize("blas", ["torch", *matmul.NUMPY])
+def test_decode_switches_batch_sizes(blas):
+    """A model that decoded one row and then decodes three (a server, generate's last chunk): torch's layout
+    serves both, the numpy backends lay out weights (numpy-rows: as rows at batch 1 only) and output buffers
+    per batch size, which must not be reused."""
     model = tiny(window=2)
     with torch.inference_mode():
         tokens = torch.randint(11, (3, 21))

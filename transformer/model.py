@@ -511,9 +511,9 @@ class GPT(nn.Module):
                 return m.weight, m.bias, m.eps
             h, hd = self.config.n_head, self.config.n_embd // self.config.n_head
 
-            def split(q_kv: Tensor) -> tuple[Tensor, Tensor]:
-                q_kv = q_kv.view(batch, 3, h, hd)
-                return q_kv[:, 0].reshape(batch * h, 1, hd), q_kv[:, 1:].transpose(0, 1)
+            def split(q_kv: Tensor) -> tuple[Tensor, Tensor]:  # torch's layout serves every batch size
+                q_kv = q_kv.view(q_kv.shape[0], 3, h, hd)
+                return q_kv[:, 0].reshape(-1, 1, hd), q_kv[:, 1:].transpose(0, 1)
 
             def qkv_split(m: nn.Linear) -> tuple[matmul.Linear, Callable]:
                 qkv = lin(m)
