@@ -80,7 +80,8 @@ def main() -> None:
               f"{kernel[sparse]:>14.0%}")
     print("  (in the kernel: share of a step's CPU time spent in the OS, mostly page faults: glibc hands allocations\n"
           "  over 32 MB, like the dense path's T x T scores, back to the OS when freed, and every step faults them in\n"
-          "  again; MALLOC_MMAP_THRESHOLD_=4294967296 in the environment avoids that)")
+          "  again; MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment avoids\n"
+          "  that: setting either variable turns off glibc's adaptive thresholds, so set both)")
 
     # 2. full attention: the relative bias (a float mask) vs --no-rel-bias (SDPA's causal kernel, flash on GPU)
     models = {bias: GPT(GPTConfig(K, 0, (size, size), layers, heads, width, window_size=0, rel_bias=bias)).train()

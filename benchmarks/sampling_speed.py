@@ -3,8 +3,9 @@
     python benchmarks/sampling_speed.py [--quick] [--threads N]
 
 1. Full attention, 16x16 grid, batch 16 and batch 1: our cache vs an official-style cache that concatenates each
-   step's keys/values onto the past (a re-implementation of taming's cached `sample_with_past`, on the same
-   weights: the official code is not installed) and, at batch 16, vs recompute-everything (use_cache=False).
+   step's keys/values onto the past (taming's cached `sample_with_past` and mingpt's `forward_with_past`
+   re-implemented op for op on the same weights, separate key/query/value projections included: the official
+   code is not installed) and, at batch 16, vs recompute-everything (use_cache=False).
 2. Window model (trained on 16x16) generating 32x32: our cache vs the official sliding 16x16 crop (one
    full forward per token), and our tokens/s at 32x32 vs 16x16.
 """
