@@ -45,7 +45,7 @@ class OfficialAttention(torch.nn.Module):
     projections (ours fuses them into one), the new key/value stacked into `present`, the past concatenated on,
     attention dropout (a no-op in eval, but a call). The relative bias is ours: the official model has none."""
 
-    def __init__(self, attn: torch.nn.Module, n_head: int) -> None:
+    def __init__(self, attn: torch.nn.Module) -> None:
         super().__init__()
         C = attn.proj.in_features
         self.key, self.query, self.value = (torch.nn.Linear(C, C) for _ in range(3))
@@ -53,7 +53,7 @@ class OfficialAttention(torch.nn.Module):
             lin.weight.data.copy_(attn.qkv.weight[s * C:(s + 1) * C])
             lin.bias.data.copy_(attn.qkv.bias[s * C:(s + 1) * C])
         self.attn_drop, self.resid_drop, self.proj = torch.nn.Dropout(attn.dropout), attn.resid_drop, attn.proj
-        self.n_head = n_head
+        self.n_head = attn.n_head
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, layer_past: torch.Tensor | None):
         B, T, C = x.size()
@@ -82,7 +82,7 @@ def concat_cache_generate(model: GPT, num_samples: int, seed: int = 0) -> torch.
     index, mask = model._attention_index((H, W), torch.device("cpu"), torch.float32, windowed=False)
     pos = model.positions((H, W))  # the code fed at step t >= 1 sits at raster position t - 1
     biases = [blk.attn.rel_bias[:, index] + mask for blk in model.blocks]  # (h, T, T), built once
-    attns = [OfficialAttention(blk.attn, cfg.n_head).eval() for blk in model.blocks]
+    attns = [OfficialAttention(blk.attn).eval() for blk in model.blocks]
     temperature = 1.0
     x = torch.full((num_samples, 1), cfg.sos_id)
     out, past = [], None

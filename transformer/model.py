@@ -503,8 +503,10 @@ class GPT(nn.Module):
             if len(self._linears) == 2:  # a full chunk's and the last chunk's; more would pile up 25 MB copies
                 del self._linears[next(iter(self._linears))]
 
-            def lin(m: nn.Linear, buffer: bool = True) -> matmul.Linear:  # the head's logits leave the step: fresh
-                out = m.weight.new_empty(batch, m.out_features) if buffer and backend in matmul.NUMPY else None
+            def buffer(m: nn.Linear) -> Tensor | None:  # what the numpy backends write m's products into
+                return m.weight.new_empty(batch, m.out_features) if backend in matmul.NUMPY else None
+
+            def lin(m: nn.Linear, out: Tensor | None = None) -> matmul.Linear:
                 return matmul.linear(backend, m.weight, m.bias, batch, out)
 
             def norm(m: nn.LayerNorm) -> tuple:
@@ -516,14 +518,14 @@ class GPT(nn.Module):
                 return q_kv[:, 0].reshape(-1, 1, hd), q_kv[:, 1:].transpose(0, 1)
 
             def qkv_split(m: nn.Linear) -> tuple[matmul.Linear, Callable]:
-                qkv = lin(m)
-                if backend not in matmul.NUMPY or batch > 1:  # several rows: the queries' reshape copies
-                    return qkv, split
-                views = split(qkv(m.weight.new_zeros(batch, m.in_features)))  # of its output buffer, every call
-                return qkv, lambda _: views
-            layers = [(norm(b.ln1), *qkv_split(b.attn.qkv), lin(b.attn.proj), norm(b.ln2), lin(b.mlp[0]),
-                       lin(b.mlp[2])) for b in self.blocks]
-            head, ln_f, C = lin(self.head, buffer=False), norm(self.ln_f), self.config.n_embd
+                out = buffer(m)
+                if out is None or batch > 1:  # several rows: the queries' reshape copies
+                    return lin(m, out), split
+                views = split(out)  # every product lands in `out`
+                return lin(m, out), lambda _: views
+            layers = [(norm(b.ln1), *qkv_split(b.attn.qkv), lin(b.attn.proj, buffer(b.attn.proj)), norm(b.ln2),
+                       lin(b.mlp[0], buffer(b.mlp[0])), lin(b.mlp[2], buffer(b.mlp[2]))) for b in self.blocks]
+            head, ln_f, C = lin(self.head), norm(self.ln_f), self.config.n_embd  # its logits leave the step: fresh
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
 
