@@ -4,6 +4,8 @@
 
 1. A w=8 model on a 32x32 code grid (T = 1025), forward + backward + AdamW step on random codes, both paths on
    the same weights and batch, timed in alternation (fastest of R). Also checks that both give the same logits.
+   A third step, with attention replaced by each position's own value, times everything else a step does (the
+   linear layers, norms, head, loss, optimizer): dense / that step is the most any attention kernel could give.
 2. A full-attention model on the same grid with the relative bias (SDPA with a float mask) vs --no-rel-bias
    (SDPA with is_causal: the fused flash/efficient kernels on GPU).
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import fastest, machine  # noqa: E402
+import transformer.model as gpt_model  # noqa: E402
 from transformer.model import GPT, GPTConfig, windowed_attention  # noqa: E402
 
 
@@ -61,23 +64,34 @@ def main() -> None:
         sparse_step()
         model.block_sparse = True
 
+    def attention_free_step() -> None:
+        gpt_model.windowed_attention = values_only
+        try:
+            sparse_step()
+        finally:
+            gpt_model.windowed_attention = windowed_attention
+
     with torch.no_grad():
         sparse_logits = model(seq[:, :-1])
         model.block_sparse = False
         diff = (sparse_logits - model(seq[:, :-1])).abs().max().item()
         model.block_sparse = True
-    best = fastest({False: dense_step, True: sparse_step}, args.rounds)
+    best = fastest({False: dense_step, True: sparse_step, None: attention_free_step}, args.rounds)
     print(f"GPT training step — {machine()}, fp32, {time.strftime('%Y-%m-%d')}")
     print(f"1. model {layers}L {heads}H {width}d K={K}, window w={w}, grid {size}x{size} (T={1 + size * size}), "
           f"batch {args.batch_size}, fastest of {args.rounds}; max |logit sparse - dense| = {diff:.1e}")
     att = attention_only(model, args.batch_size, args.rounds)
-    kernel = {False: kernel_share(dense_step), True: kernel_share(sparse_step)}
+    kernel = {False: kernel_share(dense_step), True: kernel_share(sparse_step), None: kernel_share(attention_free_step)}
     print(f"  {'attention':<28}{'s/step':>9}{'seq/s':>9}{'speed-up':>10}{'attention only, s':>19}{'speed-up':>10}"
           f"{'in the kernel':>15}")
     for sparse, name in ((False, "dense masked (SDPA)"), (True, "block-sparse windowed")):
         print(f"  {name:<28}{best[sparse]:>9.3f}{args.batch_size / best[sparse]:>9.2f}"
               f"{best[False] / best[sparse]:>9.2f}x{att[sparse]:>19.3f}{att[False] / att[sparse]:>9.2f}x"
               f"{kernel[sparse]:>14.0%}")
+    print(f"  {'attention costing nothing':<28}{best[None]:>9.3f}{args.batch_size / best[None]:>9.2f}"
+          f"{best[False] / best[None]:>9.2f}x{'-':>19}{'-':>10}{kernel[None]:>14.0%}")
+    print("  (attention costing nothing: the same step with each position's output its own value, so the linear\n"
+          "  layers, norms, head, loss and optimizer only: its speed-up bounds what any attention kernel can give)")
     print("  (in the kernel: share of a step's CPU time spent in the OS, mostly page faults: glibc hands allocations\n"
           "  over 32 MB, like the dense path's T x T scores, back to the OS when freed, and every step faults them in\n"
           "  again; MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment avoids\n"
@@ -92,6 +106,11 @@ def main() -> None:
     print(f"  {'attention':<38}{'s/step':>9}{'speed-up':>10}")
     for bias, name in ((True, "relative bias: float mask (SDPA)"), (False, "--no-rel-bias: is_causal (SDPA)")):
         print(f"  {name:<38}{best[bias]:>9.3f}{best[True] / best[bias]:>9.2f}x")
+
+
+def values_only(qkv: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A stand-in for windowed_attention that costs nothing: each position's output is its own value."""
+    return qkv[:, :, 2].flatten(2)
 
 
 def kernel_share(step) -> float:

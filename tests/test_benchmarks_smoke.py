@@ -26,6 +26,7 @@ def test_gpt_train_speed_quick():
     out = run("gpt_train_speed.py")
     assert float(re.search(r"max \|logit sparse - dense\| = (\S+)", out).group(1)) < 1e-4, out
     assert "--no-rel-bias: is_causal" in out
+    assert re.search(r"attention costing nothing\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x", out), out  # the bound row
 
 
 def test_tokenizer_step_speed_quick():
