@@ -85,22 +85,20 @@ def concat_cache_generate(model: GPT, num_samples: int, seed: int = 0) -> torch.
     attns = [OfficialAttention(blk.attn).eval() for blk in model.blocks]
     temperature = 1.0
     x = torch.full((num_samples, 1), cfg.sos_id)
-    out, past = [], None
+    out, past = [], []
     for t in range(H * W):
         # forward_with_past
         z = model.tok_emb(x)
-        if past is not None:
-            past_t = torch.cat(past, dim=-2)  # (L, 2, B, h, t, hd): a full copy each step
-            assert past_t.shape[-2] == t
+        past_t = torch.cat(past, dim=-2) if past else None  # (L, 2, B, h, t, hd): a full copy each step
         z = model.drop(z if pos is None or t == 0 else z + pos[t - 1])
         presents = []
         for layer, (blk, attn) in enumerate(zip(model.blocks, attns)):
-            a, present = attn(blk.ln1(z), biases[layer][:, t:t + 1, :t + 1], None if past is None else past_t[layer])
+            a, present = attn(blk.ln1(z), biases[layer][:, t:t + 1, :t + 1], None if past_t is None else past_t[layer])
             z = z + a
             z = z + blk.mlp(blk.ln2(z))
             presents.append(present)
         logits = model.head(model.ln_f(z))
-        past = [torch.stack(presents)] if past is None else past + [torch.stack(presents)]
+        past.append(torch.stack(presents))
         # sample_with_past
         logits = logits[:, -1, :] / temperature
         x, _ = _sample_token(logits.double(), u[:, t])  # inverse CDF with our uniforms: the same tokens as ours

@@ -142,17 +142,14 @@ class _WindowedAttention(torch.autograd.Function):
         B, T, _, h, hd = qkv.shape
         H, W = grid
         n = B * h * H
-
-        def by_rows(t: Tensor) -> Tensor:  # (B, T-1, h, hd) codes -> (B, h, H, W, hd)
-            return t.view(B, H, W, h, hd).permute(0, 3, 1, 2, 4)
-        q = qkv.new_empty(B, h, H, W, hd).copy_(by_rows(qkv[:, 1:, 0])).view(n, W, hd).mul_(hd ** -0.5)
+        q = qkv.new_empty(B, h, H, W, hd).copy_(_by_rows(qkv[:, 1:, 0], grid)).view(n, W, hd).mul_(hd ** -0.5)
         tables = []
         for s in (1, 2):  # keys, values
             table = qkv.new_empty(w - 1 + n, 1 + W, hd)
             table[:w - 1] = 0
             rows = table[w - 1:].view(B, h, H, 1 + W, hd)
             rows[:, :, :, 0] = qkv[:, 0, s, :, None]
-            rows[:, :, :, 1:] = by_rows(qkv[:, 1:, s])
+            rows[:, :, :, 1:] = _by_rows(qkv[:, 1:, s], grid)
             tables.append(table)
         k, v = (_frames(t, w) for t in tables)
         att = torch.bmm(q, k.mT)
@@ -162,7 +159,7 @@ class _WindowedAttention(torch.autograd.Function):
         y = torch.bmm((att if noise is None else att * noise).to(v.dtype), v)
         out = qkv.new_empty(B, T, h, hd)
         out[:, 0] = qkv[:, 0, 2]
-        out[:, 1:].view(B, H, W, h, hd).copy_(y.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
+        _by_rows(out[:, 1:], grid).copy_(y.view(B, h, H, W, hd))
         ctx.save_for_backward(q, *tables, att, noise)
         ctx.grid, ctx.w = grid, w
         return out.view(B, T, h * hd)
@@ -174,7 +171,7 @@ class _WindowedAttention(torch.autograd.Function):
         n, hd = q.shape[0], q.shape[2]
         B, T, h = grad.shape[0], grad.shape[1], n // (grad.shape[0] * H)
         grad = grad.contiguous().view(B, T, h, hd)  # a loss like .sum() sends a stride-0 one
-        dy = grad[:, 1:].view(B, H, W, h, hd).permute(0, 3, 1, 2, 4).reshape(n, W, hd)
+        dy = _by_rows(grad[:, 1:], ctx.grid).reshape(n, W, hd)
         d_att = torch.bmm(dy, _frames(v_table, w).mT)
         if noise is not None:
             d_att.mul_(noise)
@@ -183,14 +180,20 @@ class _WindowedAttention(torch.autograd.Function):
         d_qkv = grad.new_empty(B, T, 3, h, hd)
         d_qkv[:, 0, 0] = 0  # the prefix query attends to nothing
         d_q = torch.bmm(d_scores, _frames(k_table, w)).mul_(hd ** -0.5)
-        d_qkv[:, 1:, 0].view(B, H, W, h, hd).copy_(d_q.view(B, h, H, W, hd).permute(0, 2, 3, 1, 4))
+        _by_rows(d_qkv[:, 1:, 0], ctx.grid).copy_(d_q.view(B, h, H, W, hd))
         dropped = (att if noise is None else att * noise).to(q.dtype)
         for s, (a, b) in ((1, (d_scores.mT, q)), (2, (dropped.mT, dy))):
             rows = _unframe(a, b, w)[w - 1:].view(B, h, H, 1 + W, hd)
             d_qkv[:, 0, s] = rows[:, :, :, 0].sum(2)  # the prefix's copies
-            d_qkv[:, 1:, s].view(B, H, W, h, hd).copy_(rows[:, :, :, 1:].permute(0, 2, 3, 1, 4))
+            _by_rows(d_qkv[:, 1:, s], ctx.grid).copy_(rows[:, :, :, 1:])
         d_qkv[:, 0, 2] += grad[:, 0]  # the prefix query's output is its value
         return d_qkv, d_bias, None, None, None
+
+
+def _by_rows(codes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, h, H, W, hd) view of (B, H*W, h, hd) codes in raster order: each head's grid rows."""
+    B, _, h, hd = codes.shape
+    return codes.view(B, *grid, h, hd).permute(0, 3, 1, 2, 4)
 
 
 def _frames(table: Tensor, w: int) -> Tensor:
@@ -509,6 +512,9 @@ class GPT(nn.Module):
             def lin(m: nn.Linear, out: Tensor | None = None) -> matmul.Linear:
                 return matmul.linear(backend, m.weight, m.bias, batch, out)
 
+            def buffered(m: nn.Linear) -> matmul.Linear:
+                return lin(m, buffer(m))
+
             def norm(m: nn.LayerNorm) -> tuple:
                 return m.weight, m.bias, m.eps
             h, hd = self.config.n_head, self.config.n_embd // self.config.n_head
@@ -523,8 +529,8 @@ class GPT(nn.Module):
                     return lin(m, out), split
                 views = split(out)  # every product lands in `out`
                 return lin(m, out), lambda _: views
-            layers = [(norm(b.ln1), *qkv_split(b.attn.qkv), lin(b.attn.proj, buffer(b.attn.proj)), norm(b.ln2),
-                       lin(b.mlp[0], buffer(b.mlp[0])), lin(b.mlp[2], buffer(b.mlp[2]))) for b in self.blocks]
+            layers = [(norm(b.ln1), *qkv_split(b.attn.qkv), buffered(b.attn.proj), norm(b.ln2), buffered(b.mlp[0]),
+                       buffered(b.mlp[2])) for b in self.blocks]
             head, ln_f, C = lin(self.head), norm(self.ln_f), self.config.n_embd  # its logits leave the step: fresh
             self._linears[key] = [layers, lambda x: head(torch.layer_norm(x, (C,), *ln_f))]
         return tuple(self._linears[key])
