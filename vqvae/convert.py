@@ -107,13 +107,14 @@ def read_official(path: str | Path, fmt: str = "auto") -> OfficialWeights:
 
 
 def detect_format(state: dict[str, torch.Tensor], path: Path) -> str:
+    if any(k.startswith("quantize.embed.") for k in state):  # before the encoder test: its encoder is taming's
+        raise UserError(f"{path} is a Gumbel-softmax VQGAN (taming's GumbelQuantize, e.g. vqgan_gumbel_f8), which "
+                        "is not supported: only nearest-neighbour codebooks (taming VectorQuantizer, LlamaGen VQ, "
+                        "latent-diffusion VQ) can be imported")
     if any(k.startswith("encoder.down.") for k in state):
         return "taming"
     if any(k.startswith("encoder.conv_blocks.") for k in state):
         return "llamagen"
-    if any(k.startswith("quantize.embed.") for k in state):
-        raise UserError(f"{path} is a Gumbel-softmax VQGAN (quantize.embed.*): only nearest-neighbour codebooks "
-                        "(taming VectorQuantizer, LlamaGen VQ) can be imported")
     raise UserError(f"{path} is not a taming-transformers or LlamaGen VQ tokenizer: it has no encoder.down.* or "
                     "encoder.conv_blocks.* weights")
 
@@ -144,11 +145,14 @@ class Architecture:
     codebook_size: int
 
     def config(self, image_size: int, l2_norm: bool) -> VQModelConfig:
+        # every architectural field is set from the file, none left to a training default (which may change:
+        # the default --code-dim puts codes between projections the official models do not have)
         return VQModelConfig(image_size=image_size, ch=self.ch, ch_mult=self.ch_mult,
                              num_res_blocks=self.num_res_blocks,
                              attn_resolutions=tuple(image_size // 2**i for i in self.attn_levels),
-                             z_channels=self.z_channels, embed_dim=self.embed_dim, codebook_size=self.codebook_size,
-                             l2_norm=l2_norm)
+                             z_channels=self.z_channels, embed_dim=self.embed_dim, quantizer="vq",
+                             codebook_size=self.codebook_size, code_dim=self.embed_dim, l2_norm=l2_norm,
+                             dropout=0.0)
 
 
 def infer_architecture(weights: OfficialWeights) -> Architecture:

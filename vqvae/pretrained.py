@@ -97,6 +97,9 @@ def init_from_run(rt: Runtime, cfg: VQConfig, explicit: dict[str, Any] | None
         cfg = dataclasses.replace(cfg, init_from=get_run(cfg.init_from, "vqvae").info.run_id)  # models:/ -> run
         model, src, _ = load_vq_model(cfg.init_from)
         given, have = flat_values(cfg), flat_values(src)
+        # --code-dim 0 means embed_dim: compare the code size in effect (an imported run records embed_dim)
+        embed = cfg.embed_dim if "embed_dim" in (explicit or {}) else src.embed_dim
+        given["code_dim"], have["code_dim"] = cfg.code_dim or embed, src.code_dim or src.embed_dim
         clash = next((k for k in ARCHITECTURE if k in (explicit or {}) and given[k] != have[k]), None)
         if clash:
             flag = "--" + clash.replace("_", "-")
