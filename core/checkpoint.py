@@ -163,12 +163,20 @@ def safe_load(path: str | Path, what: str) -> dict[str, Any]:
         text = str(exc)
         named = re.search(r"GLOBAL ([\w.]+)", text)  # what the file would have called
         other = re.search(r"unrecognized function \S+|refusing to [^\n.]+", text)
-        detail = f"it names {named.group(1)}" if named else other.group(0) if other else text.splitlines()[0][:200]
+        corrupt = re.search(r"Unsupported operand[^\n]*", text)  # bytes that are no pickle at all
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # a pickle (protocol 2+) that torch's safe loader refused
+        if corrupt and not named and not other and not pickled:
+            raise UserError(f"cannot read {what}: it is not a checkpoint, truncated or corrupt "
+                            f"({corrupt.group(0)})") from None
+        detail = f"it names {named.group(1)}" if named else other.group(0) if other else _first_line(exc)[:200]
         raise UnsafeCheckpointError(
             f"refusing to load {what}: it contains pickled objects other than tensors and plain data, "
             f"which could run code ({detail}); nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read {what}: {str(exc).splitlines()[0][:200]}") from None
+        problem = "it is empty (0 bytes)" if Path(path).stat().st_size == 0 else (
+            f"it is truncated or corrupt ({_first_line(exc)[:200]})")
+        raise UserError(f"cannot read {what}: {problem}") from None
 
 
 def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
@@ -185,12 +193,19 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
     loaded = []
     for slot in order:
         try:
-            state = safe_load(download(run_id, f"{ARTIFACT_DIR}/{slot}"), f"checkpoint {slot} of run {run_id}")
+            path = download(run_id, f"{ARTIFACT_DIR}/{slot}")
+            state = safe_load(path, f"checkpoint {slot} of run {run_id}")
+            if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+                raise UserError(f"cannot read checkpoint {slot} of run {run_id}: it is not a training checkpoint "
+                                "(no model, config and step)")
         except UnsafeCheckpointError:
             raise
         except UserError as exc:
             first_error = first_error or exc
             continue
+        if first_error is not None and named:  # the newest is damaged: an older complete slot takes its place
+            tqdm.write(f"warning: {first_error.message.removeprefix('cannot read ')}; using the previous checkpoint "
+                       f"{slot} (step {state.get('step')}) instead", file=sys.stderr)
         if named:
             return state, slot
         loaded.append((state, slot))
@@ -198,7 +213,9 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
         return max(loaded, key=lambda pair: pair[0].get("step", 0))
     if first_error is None:
         raise UserError(f"run {run_id} has no checkpoint ({ARTIFACT_DIR}/ is empty); was it ever saved?")
-    raise first_error
+    from core.artifacts import remedy
+
+    raise UserError(f"{first_error.message}; no other checkpoint slot of the run loads either: {remedy(run_id)}")
 
 
 def _present_slots(run_id: str) -> list[str]:

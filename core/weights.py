@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from core.errors import UserError
 
@@ -31,16 +31,20 @@ def save_weights(folder: str | Path, state_dict: dict[str, torch.Tensor], kind: 
     return folder
 
 
-def load_weights_folder(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    """(state_dict, config, step) of a weights-only model folder; a wrong kind is a one-line error."""
+def load_weights_folder(folder: str | Path, kind: str, run_id: str | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(state_dict, config, step) of a weights-only model folder (of run ``run_id``, for the messages); a damaged
+    file or a wrong kind is a one-line error."""
+    from core.artifacts import damaged, read_json, read_safetensors
+
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the model in {folder}: {str(exc).splitlines()[0][:200]}") from None
+    name = (lambda f: f"{MODEL_DIR}/{f}") if run_id else (lambda f: str(folder / f))
+    meta = read_json(folder / CONFIG_FILE, run_id, name(CONFIG_FILE), ("kind", "config"))
     if meta.get("kind") != kind:
         raise UserError(f"the model in {folder} is a {meta.get('kind')!r} model, but a {kind!r} model is needed")
+    if not isinstance(meta["config"], dict) or not isinstance(meta.get("step", 0), int):
+        raise damaged(run_id, name(CONFIG_FILE), "has a config that is not an object or a step that is not an integer")
+    state = read_safetensors(folder / WEIGHTS_FILE, run_id, name(WEIGHTS_FILE))
     return state, meta["config"], int(meta.get("step", 0))
 
 
@@ -63,4 +67,4 @@ def load_model_weights(run_id: str, kind: str) -> tuple[dict[str, torch.Tensor],
     names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, MODEL_DIR)}
     if WEIGHTS_FILE not in names or CONFIG_FILE not in names:
         return None
-    return load_weights_folder(download(run_id, MODEL_DIR), kind)
+    return load_weights_folder(download(run_id, MODEL_DIR), kind, run_id)

@@ -83,7 +83,7 @@ def test_planted_object_array_is_refused_as_code_grids(vqvae_run, tmp_path):
     np.save(tmp_path / "codes.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
     res = invoke("decode", "--indices", tmp_path / "codes.npy", "--vqvae-run-id", vqvae_run)
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
-    assert error_line(res.stderr).startswith("Error: cannot read code grids from")
+    assert "holds pickled Python objects, not code grids (not loaded" in error_line(res.stderr)
     assert not marker.exists()
 
 

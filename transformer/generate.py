@@ -87,7 +87,8 @@ def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
         what = f"transformer checkpoint of run {run_id}"
     model = GPT(GPTConfig.from_saved(mcfg))
     load_weights(model, weights_state, what)
-    vocab = Vocab.load(download(find_upstream(run_id, "quantize").info.run_id, "vocab.json"))
+    quantize_run = find_upstream(run_id, "quantize").info.run_id
+    vocab = Vocab.load(download(quantize_run, "vocab.json"), quantize_run)
     return model.to(device).eval(), vocab
 
 

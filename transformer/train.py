@@ -22,6 +22,7 @@ from core.loop import TrainLoop, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, broadcast_from_main
+from core.artifacts import damaged, read_codes, read_table
 from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
@@ -40,14 +41,25 @@ class CodeData:
     @classmethod
     def from_run(cls, run_id: str) -> "CodeData":
         get_run(run_id, "quantize")
-        vocab = Vocab.load(download(run_id, "vocab.json"))
-        index = pd.read_csv(download(run_id, "index.csv"))
+        vocab = Vocab.load(download(run_id, "vocab.json"), run_id)
+        index = read_table(download(run_id, "index.csv"), run_id, "index.csv", ("split", "row", "label_id"))
         codes, labels = {}, {}
         for split in ("train", "val"):
-            arr = np.load(download(run_id, f"codes/{split}.npy"), allow_pickle=False)
+            arr = read_codes(download(run_id, f"codes/{split}.npy"), run_id, f"codes/{split}.npy")
+            if arr.shape[1:] != vocab.grid_shape or (arr.size and int(arr.max()) >= vocab.codebook_size):
+                raise damaged(run_id, f"codes/{split}.npy", f"holds grids of shape {arr.shape[1:]} with ids up to "
+                              f"{int(arr.max()) if arr.size else '-'}, but vocab.json says {vocab.grid_shape} grids "
+                              f"of {vocab.codebook_size} codes")
             codes[split] = torch.from_numpy(arr.astype(np.int64))
             part = index[index.split == split].sort_values("row")
-            labels[split] = torch.tensor(part.label_id.to_numpy(dtype=np.int64))  # a copy: pandas arrays are read-only
+            try:  # a copy: pandas arrays are read-only
+                ids = part.label_id.to_numpy()
+                labels[split] = torch.tensor(ids.astype(np.int64)) if ids.dtype.kind in "iu" else None
+            except (TypeError, ValueError):
+                labels[split] = None
+            if labels[split] is None or len(labels[split]) != len(arr):
+                raise damaged(run_id, "index.csv", f"has {len(part)} {split} rows (with integer label_id), but "
+                              f"codes/{split}.npy has {len(arr)} grids")
         if len(codes["train"]) == 0:
             raise UserError(f"quantize run {run_id} has no training code grids")
         return cls(vocab, codes, labels)

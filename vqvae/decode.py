@@ -9,6 +9,7 @@ import click
 import numpy as np
 import torch
 
+from core.artifacts import read_codes
 from core.errors import UserError
 from core.images import grid_image, to_pil
 from core.options import Config, build_config, config_options, opt
@@ -32,14 +33,9 @@ class DecodeConfig(Config):
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
-def load_codes(path: Path) -> torch.Tensor:
-    try:
-        arr = np.load(path, allow_pickle=False)  # never unpickle objects from a file we did not write
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read code grids from {path}: {str(exc).splitlines()[0]}") from None
-    if arr.dtype.kind not in "iu":
-        raise UserError(f"code grids in {path} must be integers, got {arr.dtype}")
-    return torch.from_numpy(arr.astype(np.int64))
+def load_codes(path: Path, run_id: str | None = None, name: str | None = None) -> torch.Tensor:
+    """Code grids from a .npy file (artifact ``name`` of ``run_id``, or a user's file); never unpickles."""
+    return torch.from_numpy(read_codes(path, run_id, name or str(path)).astype(np.int64))
 
 
 def source_codes(cfg: DecodeConfig) -> tuple[torch.Tensor, str]:
@@ -55,9 +51,9 @@ def source_codes(cfg: DecodeConfig) -> tuple[torch.Tensor, str]:
         raise UserError("pass --run-id (a generate or quantize run) or --indices with --vqvae-run-id")
     stage = get_run(cfg.run_id).data.tags.get("stage")
     if stage == "generate":
-        codes = load_codes(download(cfg.run_id, SAMPLES_ARTIFACT))
+        codes = load_codes(download(cfg.run_id, SAMPLES_ARTIFACT), cfg.run_id, SAMPLES_ARTIFACT)
     elif stage == "quantize":
-        codes = load_codes(download(cfg.run_id, f"codes/{cfg.split}.npy"))
+        codes = load_codes(download(cfg.run_id, f"codes/{cfg.split}.npy"), cfg.run_id, f"codes/{cfg.split}.npy")
     else:
         raise UserError(f"run {cfg.run_id} is a {stage or 'non-toolkit'} run, but decode needs a generate or "
                         "quantize run")
