@@ -51,6 +51,18 @@ def make_image_set(folder: Path, n: int = 24, size: int = 20, classes: tuple[str
     return manifest
 
 
+@pytest.fixture(autouse=True)
+def no_network_downloads(monkeypatch):
+    """Tests never touch the network: torch hub downloads (VGG16 for LPIPS, ...) fail as they do offline; a test of
+    the download path mocks it itself."""
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
 @pytest.fixture(scope="session")
 def tracking_dir(tmp_path_factory) -> Path:
     """One SQLite tracking store per test session, created up front (concurrent first use fails)."""

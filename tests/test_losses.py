@@ -168,11 +168,13 @@ def test_generator_uses_bare_module_of_a_wrapped_discriminator():
 
 
 def test_lpips_pretrained_without_weights_is_a_user_error(empty_hub):
+    """Offline (the download fails): one line naming the file, the URL, where to put it, and the flag."""
     with pytest.raises(UserError) as err:
         LPIPSLoss("pretrained")
     message = err.value.format_message()
     assert "\n" not in message and "--perceptual-weight 0" in message
-    assert os.path.join(str(empty_hub), "hub", "checkpoints", "vgg16-397923af.pth") in message
+    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message and "network disabled" in message
+    assert f"put it at {os.path.join(str(empty_hub), 'hub', 'checkpoints', 'vgg16-397923af.pth')}" in message
     with pytest.raises(UserError):
         VQGANLoss(make_cfg(perceptual_weight=1.0, perceptual_backbone="pretrained"))
     VQGANLoss(make_cfg(perceptual_weight=0.0, perceptual_backbone="pretrained"))  # no VGG needed
@@ -194,6 +196,26 @@ def test_lpips_random_backbone_offline(empty_hub):
     assert torch.allclose(lp(x, x), torch.zeros(2, 1, 1, 1), atol=1e-6)
     d.sum().backward()
     assert y.grad.abs().sum() > 0
+
+
+def test_missing_vgg16_weights_are_downloaded_into_the_hub_cache(empty_hub, monkeypatch):
+    """The download goes through torch.hub (torchvision's own mechanism), with its progress bar and hash check, into
+    the hub cache; the file then loads. The network is mocked: the "server" hands over a VGG16 features file."""
+    torch.manual_seed(0)
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix, progress))
+        torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    lp = LPIPSLoss("pretrained")
+    assert calls == [("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af", True)]
+    assert os.path.isfile(vgg16_checkpoint_path()) and str(empty_hub) in vgg16_checkpoint_path()
+    assert torch.equal(lp.net.net.slice1[0].weight, features[0].weight)
+    LPIPSLoss("pretrained")  # cached now: no second download
+    assert len(calls) == 1
 
 
 def test_lpips_pretrained_loads_torchvision_checkpoint(empty_hub):

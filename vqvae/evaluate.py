@@ -10,7 +10,6 @@ computed offline is skipped with a note in tag ``eval/<metric>_note`` and on std
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +74,12 @@ def per_image_metrics(x: torch.Tensor, xrec: torch.Tensor,
 
 
 def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
-    """(LPIPS module, None), or (None, why not) when its VGG16 weights are not available offline."""
-    from vqvae.losses import LPIPSLoss, vgg16_checkpoint_path
+    """(LPIPS module, None), or (None, why not) when its VGG16 weights are neither cached nor downloadable."""
+    from vqvae.losses import LPIPSLoss
 
-    path = vgg16_checkpoint_path()
-    if not os.path.isfile(path):
-        return None, f"LPIPS skipped: torchvision VGG16 weights not found at {path} (no download is attempted)"
-    try:
+    try:  # downloads the VGG16 weights into the torch hub cache when missing
         return LPIPSLoss(backbone="pretrained").to(device), None
-    except UserError as exc:  # e.g. an unreadable weights file
+    except UserError as exc:  # offline without the weights, or an unreadable weights file
         return None, f"LPIPS skipped: {exc.message}"
 
 

@@ -25,11 +25,32 @@ def vgg16_checkpoint_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
 
 
+def fetch_vgg16() -> str:
+    """The ImageNet VGG16 weights file, downloaded into the torch hub cache if missing, as torchvision itself does
+    (``load_state_dict_from_url``: progress bar, and the hash in the file name checked); offline, a one-line error
+    saying which file to put where, or how to train without it."""
+    path, url = vgg16_checkpoint_path(), VGG16_Weights.IMAGENET1K_V1.url
+    if os.path.isfile(path):
+        return path
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, map_location="cpu",
+                                           weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - urllib, socket, ssl, disk and hash-mismatch errors alike
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise UserError(f"LPIPS needs the torchvision VGG16 weights {os.path.basename(path)}, which are not in "
+                        f"the torch hub cache and could not be downloaded from {url} ({reason}): download that "
+                        f"file and put it at {path}, or run with --perceptual-weight 0 (no LPIPS)") from None
+    if not os.path.isfile(path):  # the download went elsewhere (a changed hub layout): say so, do not guess
+        raise UserError(f"downloaded the VGG16 weights from {url}, but they are not at {path}; put the file there, "
+                        "or run with --perceptual-weight 0")
+    return path
+
+
 class LPIPSLoss(nn.Module):
     """LPIPS distance per image, (B, 1, 1, 1): VGG16 trunk + the lpips package's calibrated linear heads.
 
-    backbone "pretrained" loads torchvision's ImageNet VGG16 from the torch hub cache (never downloads:
-    a missing file is a UserError); "random" keeps a randomly initialised trunk (tests, smoke runs).
+    backbone "pretrained" loads torchvision's ImageNet VGG16 from the torch hub cache (downloaded there when
+    missing; offline, a UserError); "random" keeps a randomly initialised trunk (tests, smoke runs).
     Frozen and always in eval mode (the lpips heads contain dropout).
     """
 
@@ -37,10 +58,7 @@ class LPIPSLoss(nn.Module):
         super().__init__()
         if backbone not in ("pretrained", "random"):
             raise ValueError(f"unknown LPIPS backbone {backbone!r}; expected 'pretrained' or 'random'")
-        path = vgg16_checkpoint_path()
-        if backbone == "pretrained" and not os.path.isfile(path):
-            raise UserError(f"LPIPS needs the torchvision VGG16 weights at {path} (not found, and no download is "
-                            "attempted): place the file there or run with --perceptual-weight 0")
+        path = fetch_vgg16() if backbone == "pretrained" else None
         # Always build a random trunk so lpips never touches the network; lpips 0.1.4 builds it with
         # torchvision's deprecated vgg16(pretrained=False), hence the silenced warnings. The linear heads
         # ship inside the lpips package.
