@@ -320,3 +320,38 @@ def test_every_stage_runs_on_an_imported_256_dim_code_tokenizer(tracking_dir, tm
     res = invoke("decode", "--run-id", last_line(res.stdout))
     assert res.exit_code == 0, res.output
     assert len(mlflow.MlflowClient().list_artifacts(last_line(res.stdout), "images")) == 2
+
+
+def test_released_taming_geometry_saved_on_a_gpu_loads_on_cpu(tracking_dir, tmp_path, monkeypatch):
+    """A Lightning .ckpt of the f16 geometry (256-dim codes) whose storages are tagged cuda:0, as torch.save writes
+    them on a GPU: mapped to the CPU on import."""
+    state = taming_state(32, (1, 1, 2, 2, 4), 2, (16,), 256, 256, 256, 1024)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        ckpt = lightning_ckpt(tmp_path / "last.ckpt", state)
+    if not torch.cuda.is_available():  # the file really asks for a GPU
+        from vqvae.convert import INERT_GLOBALS
+
+        with torch.serialization.safe_globals(INERT_GLOBALS), pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(ckpt, weights_only=True)
+    run_id = imported("--checkpoint", ckpt)
+    check_imported(run_id, state, l2=False, image=32, embed_dim=256, n_codes=1024, export_as=None, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "not a tokenizer"])
+def test_unreadable_official_file_is_one_line(tracking_dir, tmp_path, kind):
+    ckpt = lightning_ckpt(tmp_path / "last.ckpt", taming_state(32, (1, 2), 1, (), 32, 8, 8, 16))
+    data = ckpt.read_bytes()
+    content = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 8,
+               "not a tokenizer": None}[kind]
+    if content is None:
+        torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    res = invoke("import-vqvae", "--checkpoint", ckpt)
+    assert res.exit_code == 1
+    line = error_line(res.stderr)
+    assert str(ckpt) in line and {"empty": "is empty", "truncated": "truncated or corrupt",
+                                  "garbage": "truncated or corrupt", "not a tokenizer": "is not a"}[kind] in line
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before  # checked before a run exists
