@@ -154,3 +154,20 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_slot(chain, tmp_pa
     line = error_line(res.stderr)
     assert line.startswith(f"Error: cannot read checkpoint {newest} of run {both}")
     assert "no other checkpoint slot of the run loads either: re-run `python cli.py train`" in line
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "pickle", "wrong kind"])
+def test_damaged_pipeline_settings_file_is_one_line(tracking_dir, tmp_path, suffix, kind):
+    marker = tmp_path / MARKER
+    good = '[train]\nmax-steps = 2\n' if suffix == ".toml" else "train:\n  max-steps: 2\n"
+    content = {"truncated": good[: good.index("=") if suffix == ".toml" else good.index(":") + 4] + "[\n",
+               "corrupt": bytes(range(256)) * 4, "pickle": corruptions(b"", marker)["pickle"],
+               "wrong kind": "[1, 2]\n" if suffix == ".yaml" else "train = 3\n"}[kind]
+    path = tmp_path / f"settings{suffix}"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    res = invoke("pipeline", "--manifest", tmp_path / "none.csv", "--config", path)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert str(path) in error_line(res.stderr) and not marker.exists()
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before
