@@ -16,19 +16,7 @@ import torch
 from mlflow.entities import Param
 
 from conftest import TINY_GPT, error_line, invoke, last_line
-
-MARKER = "pwned"
-
-
-class Payload:
-    """Unpickling this creates a marker file: what a malicious file would do with a real command."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
+from test_safe_loading import MARKER_NAME as MARKER, Payload
 
 @pytest.fixture(scope="module")
 def chain(quantize_run) -> dict[str, str]:

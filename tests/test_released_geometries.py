@@ -44,6 +44,19 @@ def _attn(sd: dict, name: str, ch: int, g: torch.Generator) -> None:
         _conv(sd, f"{name}.{part}", ch, ch, 1, g)
 
 
+def _middle(sd: dict, names: tuple[str, str, str], ch: int, z_channels: int, g: torch.Generator) -> None:
+    """Both formats: the encoder's middle (res, attention, res) and output conv, the decoder's input conv and middle."""
+    for part in ("encoder", "decoder"):
+        if part == "decoder":
+            _conv(sd, "decoder.conv_in", z_channels, ch, 3, g)
+        _resnet(sd, f"{part}.mid.{names[0]}", ch, ch, g)
+        _attn(sd, f"{part}.mid.{names[1]}", ch, g)
+        _resnet(sd, f"{part}.mid.{names[2]}", ch, ch, g)
+        if part == "encoder":
+            _norm(sd, "encoder.norm_out", ch, g)
+            _conv(sd, "encoder.conv_out", ch, z_channels, 3, g)
+
+
 def taming_state(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
                  resolution: int, z_channels: int, embed_dim: int, n_embed: int, seed: int = 0) -> dict:
     """taming.modules.diffusionmodules.model Encoder/Decoder + VQModel names (latent-diffusion's VQModel too)."""
@@ -60,15 +73,7 @@ def taming_state(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_re
         if i != n - 1:
             _conv(sd, f"encoder.down.{i}.downsample.conv", block_in, block_in, 3, g)
             res //= 2
-    for part in ("encoder", "decoder"):
-        if part == "decoder":
-            _conv(sd, "decoder.conv_in", z_channels, block_in, 3, g)
-        _resnet(sd, f"{part}.mid.block_1", block_in, block_in, g)
-        _attn(sd, f"{part}.mid.attn_1", block_in, g)
-        _resnet(sd, f"{part}.mid.block_2", block_in, block_in, g)
-        if part == "encoder":
-            _norm(sd, "encoder.norm_out", block_in, g)
-            _conv(sd, "encoder.conv_out", block_in, z_channels, 3, g)
+    _middle(sd, ("block_1", "attn_1", "block_2"), block_in, z_channels, g)
     for i in reversed(range(n)):  # the decoder indexes its levels by resolution, as the encoder does
         for j in range(num_res_blocks + 1):
             _resnet(sd, f"decoder.up.{i}.block.{j}", block_in, ch * ch_mult[i], g)
@@ -103,15 +108,7 @@ def llamagen_state(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_cha
                 _attn(sd, f"encoder.conv_blocks.{i}.attn.{j}", block_in, g)
         if i != n - 1:
             _conv(sd, f"encoder.conv_blocks.{i}.downsample.conv", block_in, block_in, 3, g)
-    for part in ("encoder", "decoder"):
-        if part == "decoder":
-            _conv(sd, "decoder.conv_in", z_channels, block_in, 3, g)
-        _resnet(sd, f"{part}.mid.0", block_in, block_in, g)
-        _attn(sd, f"{part}.mid.1", block_in, g)
-        _resnet(sd, f"{part}.mid.2", block_in, block_in, g)
-        if part == "encoder":
-            _norm(sd, "encoder.norm_out", block_in, g)
-            _conv(sd, "encoder.conv_out", block_in, z_channels, 3, g)
+    _middle(sd, ("0", "1", "2"), block_in, z_channels, g)
     for i in range(n):
         for j in range(num_res_blocks + 1):
             _resnet(sd, f"decoder.conv_blocks.{i}.res.{j}", block_in, ch * ch_mult[n - 1 - i], g)
