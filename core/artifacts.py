@@ -48,10 +48,10 @@ def what_is_wrong(path: Path, exc: BaseException | None, expected: str) -> str:
     if not head:
         return "is empty (0 bytes)"
     if head.startswith(_PICKLE_MAGIC):
-        return f"is a pickle or torch.save file, not {expected} (not loaded: a pickle can run code)"
+        return f"is a pickle or torch.save file, not a {expected} (not loaded: a pickle can run code)"
     if exc is None or not str(exc).strip():
-        return f"is not a readable {expected}: truncated or corrupt"
-    return f"is not a readable {expected}: truncated or corrupt ({str(exc).strip().splitlines()[0][:160]})"
+        return f"is truncated or corrupt (not a readable {expected})"
+    return f"is truncated or corrupt (not a readable {expected}: {str(exc).strip().splitlines()[0][:160]})"
 
 
 def read_json(path: Path, run_id: str | None, name: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:

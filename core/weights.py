@@ -65,6 +65,11 @@ def load_model_weights(run_id: str, kind: str) -> tuple[dict[str, torch.Tensor],
     from core.tracking import download
 
     names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, MODEL_DIR)}
-    if WEIGHTS_FILE not in names or CONFIG_FILE not in names:
+    if WEIGHTS_FILE not in names and CONFIG_FILE not in names:
         return None
+    missing = next((f for f in (WEIGHTS_FILE, CONFIG_FILE) if f not in names), None)
+    if missing:
+        from core.artifacts import damaged
+
+        raise damaged(run_id, f"{MODEL_DIR}/{missing}", "is missing")
     return load_weights_folder(download(run_id, MODEL_DIR), kind, run_id)
