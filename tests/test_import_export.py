@@ -109,7 +109,7 @@ def test_import_reproduces_the_official_outputs(imports, name):
     with torch.no_grad():
         assert (tok.model.encode_latents(out["input"]) - out["latent"]).abs().max() < 1e-4
         decoded = tok.model.decode_indices(out["indices"])  # the official decoders do not clamp
-    assert (decoded - out["decoded"]).abs().max() < 1e-4
+    assert (decoded - out["decoded"]).abs().max() < 1e-5  # the bar: within 1e-5 of the official decoder
 
     run = mlflow.MlflowClient().get_run(imports[name])
     file = "last.ckpt" if name == "taming" else "0000500.pt"

@@ -255,3 +255,18 @@ def test_overflowing_gan_gradient_drops_the_gan_term_and_keeps_the_loss_finite()
     total.backward()
     assert logs["d_weight"] == 0.0 and torch.isfinite(total)
     assert all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), expected))
+
+
+def test_train_vqvae_offline_without_vgg16_fails_in_one_line_before_a_run(empty_hub, dataset, tracking_dir):
+    import mlflow
+
+    from conftest import TINY_VQ, error_line, invoke
+
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    i = TINY_VQ.index("--perceptual-weight")
+    args = TINY_VQ[:i] + TINY_VQ[i + 2:]  # the default LPIPS weight
+    res = invoke("train-vqvae", "--manifest", dataset, *args, "--max-steps", "1")
+    assert res.exit_code == 1
+    line = error_line(res.stderr)
+    assert "vgg16-397923af.pth" in line and "--perceptual-weight 0" in line and "download.pytorch.org" in line
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before

@@ -22,7 +22,7 @@ from core.runtime import Runtime, average_gradients, broadcast_from_main
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
-from vqvae.losses import VQGANLoss
+from vqvae.losses import VQGANLoss, fetch_vgg16
 from vqvae.model import VQModel
 from vqvae.pretrained import init_from_run, start_from
 from vqvae.tokenizer import KIND
@@ -84,6 +84,8 @@ def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict
     """Train (or resume) a tokenizer; returns the MLflow run ID. ``register``: Model Registry name."""
     if cfg.manifest:  # absolute, so later stages find it from any working directory
         cfg = dataclasses.replace(cfg, manifest=str(Path(cfg.manifest).resolve()))
+    if not resume_run_id and cfg.perceptual_weight > 0 and cfg.perceptual_backbone == "pretrained":
+        fetch_vgg16()  # download the LPIPS weights (or fail offline in one line) before a run exists
     with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as (rt, cfg, state, slot):
         cfg, init = init_from_run(rt, cfg, overrides) if cfg.init_from and state is None else (cfg, None)
         return _train(rt, cfg, state, slot, resume_run_id, init, register)
