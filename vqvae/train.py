@@ -84,7 +84,8 @@ def train_vqvae(cfg: VQConfig, resume_run_id: str | None = None, overrides: dict
     """Train (or resume) a tokenizer; returns the MLflow run ID. ``register``: Model Registry name."""
     if cfg.manifest:  # absolute, so later stages find it from any working directory
         cfg = dataclasses.replace(cfg, manifest=str(Path(cfg.manifest).resolve()))
-    if not resume_run_id and cfg.perceptual_weight > 0 and cfg.perceptual_backbone == "pretrained":
+    if (not resume_run_id and cfg.perceptual_weight > 0 and cfg.perceptual_backbone == "pretrained"
+            and cfg.manifest and Path(cfg.manifest).is_file()):  # a bad manifest is reported first
         fetch_vgg16()  # download the LPIPS weights (or fail offline in one line) before a run exists
     with training_session(cfg, "vqvae", resume_run_id, overrides, tracking_uri, experiment) as (rt, cfg, state, slot):
         cfg, init = init_from_run(rt, cfg, overrides) if cfg.init_from and state is None else (cfg, None)
