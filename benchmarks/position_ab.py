@@ -2,7 +2,7 @@
 an additive float mask: CUDA's memory-efficient SDPA kernel) vs row/column embeddings only (--no-rel-bias:
 is_causal, flash attention on CUDA). Held-out validation loss (nats per code) on two families of code grids.
 
-    python benchmarks/position_ab.py [--steps 300] [--seeds 2]
+    python benchmarks/position_ab.py [--steps 150] [--seeds 1]
 
 The grids are made without a trained tokenizer, so the A/B needs minutes, not hours: each image's pixels
 quantized to a small palette (one code per pixel), class-conditional:
@@ -49,7 +49,7 @@ def digit_grids() -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def run(grids: torch.Tensor, labels: torch.Tensor, K: int, rel_bias: bool, steps: int, seed: int,
-        batch: int = 32) -> float:
+        batch: int = 16) -> float:
     n_cls = int(labels.max()) + 1
     held = torch.arange(len(grids)) % 8 == 7
     cfg = GPTConfig(K, n_cls, (16, 16), n_layer=2, n_head=4, n_embd=64, window_size=0, rel_bias=rel_bias)
@@ -77,13 +77,13 @@ def run(grids: torch.Tensor, labels: torch.Tensor, K: int, rel_bias: bool, steps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"position A/B — {machine()}, {time.strftime('%Y-%m-%d')}, GPT 2L 4H 64d, full attention, 16x16 grids, "
-          f"{args.steps} steps, batch 32, AdamW 1e-3 cosine; held-out loss, nats/code")
+          f"{args.steps} steps, batch 16, AdamW 1e-3 cosine; held-out loss, nats/code")
     print(f"  {'data':<8}{'seed':>5}{'rel bias + rowcol':>19}{'rowcol only':>13}{'difference':>12}")
     for name, data in (("shapes", shape_grids(150)), ("digits", digit_grids())):
         for seed in range(args.seeds):
