@@ -8,6 +8,8 @@
    linear layers, norms, head, loss, optimizer): dense / that step is the most any attention kernel could give.
 2. A full-attention model on the same grid with the relative bias (SDPA with a float mask) vs --no-rel-bias
    (SDPA with is_causal: the fused flash/efficient kernels on GPU).
+3. The official taming `mingpt.GPT` training step itself (installed from PyPI: pip install -r
+   benchmarks/requirements.txt; skipped with a note otherwise) beside ours, full attention, same sizes, same batch.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import official  # noqa: E402
 from benchmarks.common import fastest, machine  # noqa: E402
-import transformer.model as gpt_model  # noqa: E402
-from transformer.model import GPT, GPTConfig, windowed_attention  # noqa: E402
+import transformer.attention as attention  # noqa: E402
+from transformer.attention import windowed_attention  # noqa: E402
+from transformer.model import GPT, GPTConfig  # noqa: E402
 
 
 def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
@@ -65,11 +69,11 @@ def main() -> None:
         model.block_sparse = True
 
     def attention_free_step() -> None:
-        gpt_model.windowed_attention = values_only
+        attention.windowed_attention = values_only
         try:
             sparse_step()
         finally:
-            gpt_model.windowed_attention = windowed_attention
+            attention.windowed_attention = windowed_attention
 
     with torch.no_grad():
         sparse_logits = model(seq[:, :-1])
@@ -106,6 +110,25 @@ def main() -> None:
     print(f"  {'attention':<38}{'s/step':>9}{'speed-up':>10}")
     for bias, name in ((True, "relative bias: float mask (SDPA)"), (False, "--no-rel-bias: is_causal (SDPA)")):
         print(f"  {name:<38}{best[bias]:>9.3f}{best[True] / best[bias]:>9.2f}x")
+
+    # 3. the official model's training step, the same sizes and batch
+    mingpt = official.mingpt()
+    if mingpt is None:
+        return
+    theirs = mingpt.GPT(K + 1, 1 + size * size, n_layer=layers, n_head=heads, n_embd=width).train()
+    opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def official_step() -> None:
+        _, loss = theirs(seq[:, :-1], targets=seq[:, 1:].contiguous())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    steps = {"official": official_step, **{bias: train_step(m, seq) for bias, m in models.items()}}
+    best = fastest(steps, args.rounds)
+    print(f"\n3. full attention, the official taming mingpt.GPT training step vs ours (same sizes, batch, AdamW)")
+    print(f"  {'model':<38}{'s/step':>9}{'ours is':>10}")
+    for key, name in (("official", "official mingpt.GPT"), (True, "ours, relative bias"), (False, "ours, --no-rel-bias")):
+        print(f"  {name:<38}{best[key]:>9.3f}{best['official'] / best[key]:>9.2f}x")
 
 
 def values_only(qkv: torch.Tensor, *args, **kwargs) -> torch.Tensor:

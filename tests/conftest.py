@@ -123,3 +123,13 @@ def quantize_run(vqvae_run) -> str:
     res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--num-workers", "0")
     assert res.exit_code == 0, res.output
     return last_line(res.stdout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped here, run by benchmarks/gpu_check.py on a CUDA machine."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

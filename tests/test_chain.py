@@ -97,19 +97,18 @@ def test_same_seed_same_samples(chain):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_generate_with_a_pinned_matmul_backend(chain):
-    from transformer.matmul import backends
-
-    for backend in backends(torch.device("cpu"), torch.float32):
-        res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "2", "--seed", "3",
-                     "--matmul", backend)
-        assert res.exit_code == 0, res.output
-        run = mlflow.get_run(last_line(res.stdout))
-        assert run.data.params["matmul"] == backend and run.data.tags["matmul_used"] == backend
-    res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "3", "--batch-size", "2")
-    assert res.exit_code == 0, res.output  # batches of 2 and 1: auto times each size
-    used = mlflow.get_run(last_line(res.stdout)).data.tags["matmul_used"].split(",")
-    assert 1 <= len(used) <= 2 and set(used) <= set(backends(torch.device("cpu"), torch.float32))
+def test_generate_precision(chain):
+    """--precision bf16 samples with bf16 weights and cache (on CPU too) and records the setting; a bad value is a
+    one-line usage error."""
+    res = invoke("generate", "--transformer-run-id", chain["transformer"], "--num-samples", "2", "--seed", "3",
+                 "--precision", "bf16")
+    assert res.exit_code == 0, res.output
+    run = mlflow.get_run(last_line(res.stdout))
+    assert run.data.params["precision"] == "bf16" and "matmul_used" not in run.data.tags
+    codes = np.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="samples/codes.npy"))
+    assert codes.shape[0] == 2
+    res = invoke("generate", "--transformer-run-id", chain["transformer"], "--precision", "fp8")
+    assert res.exit_code != 0 and "fp8" in res.output and "Traceback" not in res.output
 
 
 def test_larger_latent_grid_decodes_to_larger_image(chain):

@@ -94,3 +94,35 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     proc.stdout.close()
+
+
+def test_served_generator_honours_precision(tmp_path, monkeypatch):
+    """The served generator samples in the precision its loader asks for through MLflow's model config
+    (weights and KV cache in bf16 here), fp32 by default, and refuses an unknown one."""
+    import dataclasses
+    import types
+
+    import pandas as pd
+    import pytest
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from core.weights import save_weights
+    from transformer import pyfunc_model
+    from transformer.model import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig(16, 0, (3, 4), n_layer=1, n_head=2, n_embd=16, window_size=0))
+    save_weights(tmp_path / "gen", gpt.state_dict(), pyfunc_model.KIND, dataclasses.asdict(gpt.config))
+    monkeypatch.setattr(pyfunc_model.Vocab, "load", staticmethod(lambda path: types.SimpleNamespace(num_classes=0)))
+    tokenizer = types.SimpleNamespace(decode_indices=lambda codes: torch.zeros(len(codes), 3, 12, 16))
+    monkeypatch.setattr(pyfunc_model, "load_tokenizer_folder", lambda folder, device: (tokenizer, None))
+    artifacts = {"generator": str(tmp_path / "gen"), "tokenizer": str(tmp_path / "tok")}
+    for config, dtype in ((None, torch.float32), ({"precision": "bf16"}, torch.bfloat16)):
+        model = pyfunc_model.GeneratorModel()
+        model.load_context(types.SimpleNamespace(artifacts=artifacts, model_config=config))
+        assert next(model.gpt.parameters()).dtype == dtype
+        out = model.predict(None, pd.DataFrame([{"num_samples": 2, "seed": 1}]))
+        assert len(out) == 2 and model.gpt._caches[0].kv.dtype == dtype
+    with pytest.raises(MlflowException, match="precision must be one of fp32, bf16, fp16"):
+        pyfunc_model.GeneratorModel().load_context(types.SimpleNamespace(artifacts=artifacts,
+                                                                         model_config={"precision": "fp8"}))

@@ -24,9 +24,8 @@ from core.runtime import setup_runtime
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from core.weights import load_model_weights
-from transformer.matmul import BACKENDS
 from transformer.model import GPT, GPTConfig
-from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, generate, guidance_scale
+from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, PRECISIONS, generate, guidance_scale
 from transformer.vocab import Vocab
 
 
@@ -55,10 +54,10 @@ class GenerateConfig(Config):
     gif: bool = opt(False, "Also write an animation of the raster-order decoding.")
     cache: bool = opt(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
                            "for reference).")
-    compile: bool = opt(False, "torch.compile the decode step (CUDA only).")
-    matmul: str = opt("auto", "Matrix products of the decode step: auto (the fastest here, timed per batch size) or "
-                              "one pinned, for bit-identical samples across runs (the backends round differently).",
-                      choices=["auto", *BACKENDS], applies=lambda c: c.cache)
+    compile: bool = opt(False, "torch.compile the decode step into CUDA graphs (CUDA only; ignored on CPU).",
+                        applies=lambda c: c.cache)
+    precision: str = opt("fp32", "Weights and key/value cache dtype while sampling (bf16/fp16 halve the memory "
+                                 "decoding streams; the draws stay in float64).", choices=list(PRECISIONS))
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
@@ -152,6 +151,7 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
     cfg = resolve_run_ids(cfg)
     with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg)) as run:
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
+        model.to(PRECISIONS[cfg.precision])
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
         labels, names = sample_labels(cfg, vocab)
         cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
@@ -163,7 +163,7 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
                                       cfg_scale=cfg_scale, temperature=cfg.temperature,
                                       top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed, context=context,
                                       best_of=cfg.best_of, batch_size=cfg.batch_size, use_cache=cfg.cache,
-                                      compile=cfg.compile, matmul=cfg.matmul, progress=True)
+                                      compile=cfg.compile, progress=True)
         except ValueError as exc:  # e.g. a larger grid for a full-attention model
             raise UserError(str(exc)) from None
         with artifact_folder() as out:
@@ -180,8 +180,6 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
             nrow = distinct if 1 < distinct <= 16 else 8
             grid_image(images, nrow=nrow, captions=names if labels is not None else None).save(out / "grid.png")
         mlflow.log_metric("generate/mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
-        if cfg.cache:  # what --matmul auto picked (per batch size: a last, smaller chunk can differ)
-            mlflow.set_tag("matmul_used", ",".join(sorted(model.backends_used)))
         return run.info.run_id
 
 

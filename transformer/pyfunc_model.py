@@ -9,6 +9,9 @@ request (every column optional)::
                             "top_p": 1.0, "cfg_scale": 2.0}]}
 
 Answer: one row per image, ``label`` and ``image`` (base64 PNG). The same seed gives the same images.
+Sampling precision (weights and KV cache): ``fp32`` unless the loader asks for another through MLflow's model
+config, e.g. ``mlflow.pyfunc.load_model(uri, model_config={"precision": "bf16"})`` or
+``mlflow models serve ... --model-config precision=bf16`` where the MLflow version supports it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from core.images import to_pil
 from core.mlflow_models import log_pyfunc, png_base64
 from core.weights import load_weights_folder, save_weights
 from transformer.model import GPT, GPTConfig
-from transformer.sample import DEFAULT_TOP_K, generate, guidance_scale
+from transformer.sample import DEFAULT_TOP_K, PRECISIONS, generate, guidance_scale
 from transformer.vocab import Vocab
 from vqvae.pyfunc_model import load_tokenizer_folder, write_tokenizer_folder
 
@@ -50,7 +53,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         state, config, _ = load_weights_folder(folder, KIND)
         self.gpt = GPT(GPTConfig.from_saved(config))
         self.gpt.load_state_dict(state)
-        self.gpt.to(self.device).eval()
+        precision = str((getattr(context, "model_config", None) or {}).get("precision", "fp32"))
+        if precision not in PRECISIONS:
+            raise MlflowException(f"model_config precision must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+                                  INVALID_PARAMETER_VALUE)
+        self.gpt.to(self.device, PRECISIONS[precision]).eval()
         self.vocab = Vocab.load(folder / VOCAB_FILE)
         self.tokenizer, _ = load_tokenizer_folder(context.artifacts["tokenizer"], self.device)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -13,6 +12,8 @@ from .model import GPT
 # Sampling defaults, shared by `generate` and the served generator (measured on the digits: README "Defaults").
 DEFAULT_TOP_K = 20
 DEFAULT_CFG_SCALE = 3.0  # best of 1/2/3 (4 no better); conditional models only: guidance contrasts classes
+# --precision of the samplers: the dtype of the weights and the KV cache
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def guidance_scale(requested: float | None, conditional: bool) -> float:
@@ -60,7 +61,7 @@ def _sample_token(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: tuple[int, int],
                   cfg_scale: float | None, temperature: float, top_k: int | None, top_p: float | None,
-                  use_cache: bool, compile: bool, backend: str, bar: tqdm) -> tuple[Tensor, Tensor]:
+                  use_cache: bool, compile: bool, bar: tqdm) -> tuple[Tensor, Tensor]:
     """Complete B sequences [prefix, context, ...] (one row per candidate); codes (B, H*W), log-prob (B,)."""
     H, W = grid
     B, n_ctx = context.shape
@@ -72,28 +73,27 @@ def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: 
     seq[:, 0], seq[:, 1:1 + n_ctx] = prefix, context
     logp_total = torch.zeros(B, dtype=torch.float64, device=prefix.device)
     if use_cache:
-        model.setup_cache(seq.shape[0], grid, compile=compile, backend=backend)
+        model.setup_cache(seq.shape[0], grid, compile=compile)
         logits = model.prefill(seq[:, :1 + n_ctx])
-    with model.decode_threads() if use_cache else nullcontext():  # numpy's BLAS at torch's thread count
-        for t in range(n_ctx, H * W):  # t: raster index of the code drawn now (sequence index 1 + t)
-            if not use_cache:
-                logits = model(seq[:, :1 + t], grid)[:, -1]  # reference path: rerun the whole prefix
-            elif t > n_ctx:
-                logits = model.decode_step(seq[:, t], t - 1)
-            logits = logits.double()
-            if cfg_scale is not None:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
-            if temperature != 1.0:  # dividing by 1 is exact: skip the op
-                logits = logits / temperature
-            if top_k is not None:
-                logits = top_k_filter(logits, top_k)
-            if top_p is not None:
-                logits = top_p_filter(logits, top_p)
-            token, logp = _sample_token(logits, u[:, t - n_ctx])
-            seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
-            logp_total += logp
-            bar.update(B)
+    for t in range(n_ctx, H * W):  # t: raster index of the code drawn now (sequence index 1 + t)
+        if not use_cache:
+            logits = model(seq[:, :1 + t], grid)[:, -1]  # reference path: rerun the whole prefix
+        elif t > n_ctx:
+            logits = model.decode_step(seq[:, t], t - 1)
+        logits = logits.double()
+        if cfg_scale is not None:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        if temperature != 1.0:  # dividing by 1 is exact: skip the op
+            logits = logits / temperature
+        if top_k is not None:
+            logits = top_k_filter(logits, top_k)
+        if top_p is not None:
+            logits = top_p_filter(logits, top_p)
+        token, logp = _sample_token(logits, u[:, t - n_ctx])
+        seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
+        logp_total += logp
+        bar.update(B)
     return seq[:B, 1:], logp_total
 
 
@@ -102,7 +102,7 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
              labels: Tensor | None = None, cfg_scale: float = 1.0, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              context: Tensor | None = None, best_of: int = 1, batch_size: int = 64,
-             use_cache: bool = True, compile: bool = False, matmul: str = "auto",
+             use_cache: bool = True, compile: bool = False,
              progress: bool = False) -> tuple[Tensor, Tensor]:
     """Sample `num_samples` code grids; returns codes (n, H, W) and each grid's total log-probability (n,).
 
@@ -111,9 +111,10 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
     candidates per sample and keep the one with the highest total log-probability of its drawn tokens
     under the distribution actually sampled from (guided, tempered, top-k/top-p filtered); that total is
     what is returned. Draws are inverse-CDF with uniforms from a CPU generator seeded with `seed`, drawn
-    up front, so the cached and recomputed paths (and any batch_size) give the same samples, up to the rounding
-    of the decode step's matmul backend: `matmul` (see GPT.setup_cache) "auto" takes the one timed fastest per
-    batch size; pin one for bit-identical samples across processes and batch sizes.
+    up front, so the cached and recomputed paths (and any batch_size) give the same samples up to floating-point
+    rounding, and one seed gives bit-identical samples in every process on one machine. Sampling runs in the
+    model's dtype (weights and KV cache; `model.to(torch.bfloat16)` for bf16 decoding); the logits are filtered
+    and drawn from in float64.
     """
     cfg = model.config
     grid = model.check_grid(grid_shape)
@@ -162,7 +163,7 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
             for lo in range(0, rows, batch_size):
                 sl = slice(lo, lo + batch_size)
                 c, lp = _sample_chunk(model, prefix[sl], context[sl], u[sl], grid, guide, temperature,
-                                      top_k, top_p, use_cache, compile, matmul, bar)
+                                      top_k, top_p, use_cache, compile, bar)
                 codes.append(c)
                 logp.append(lp)
     finally:

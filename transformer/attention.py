@@ -1,0 +1,240 @@
+"""Attention of the GPT over code grids: which keys a code sees (the 2-D window rule) and the relative-position
+bias it adds, as dense masked SDPA, as block-sparse frames (CPU training of window models), as FlexAttention (CUDA
+training of window models), and for one decoded token against the KV cache.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+if TYPE_CHECKING:
+    from transformer.cache import KVCache
+    from transformer.model import GPTConfig
+
+def relative_index(qi: Tensor, qj: Tensor, ki: Tensor, kj: Tensor, w: int) -> tuple[Tensor, Tensor]:
+    """Bias-table column and visibility of code key (ki, kj) for code query (qi, qj); broadcasts.
+
+    Visible: own row, columns j-w..j; the w-1 rows above, columns j-w..j+w-1. The column for a visible
+    pair is di*2w + (dj+w) with di = i-i' in [0, w-1], dj = j'-j in [-w, w-1]; column 2w*w is the prefix.
+    """
+    di, dj = qi - ki, kj - qj
+    visible = (dj >= -w) & (((di == 0) & (dj <= 0)) | ((di > 0) & (di < w) & (dj < w)))
+    index = di.clamp(0, w - 1) * (2 * w) + dj.clamp(-w, w - 1) + w
+    return index, visible
+
+
+def attention_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bias-table columns (T, T) and visibility (T, T) of the whole sequence, T = 1 + H*W."""
+    H, W = grid_shape
+    n = torch.arange(H * W, device=device)
+    i, j = n // W, n % W
+    code_index, code_visible = relative_index(i[:, None], j[:, None], i[None], j[None], w)
+    T = 1 + H * W
+    index = torch.full((T, T), 2 * w * w, device=device)  # column 0 (the prefix key) -> prefix bias
+    index[1:, 1:] = code_index
+    visible = torch.zeros(T, T, dtype=torch.bool, device=device)
+    visible[:, 0] = True  # everyone sees the prefix; the prefix query sees only itself
+    visible[1:, 1:] = code_visible
+    return index, visible
+
+
+def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bias columns (W, w*(1+W)) and visibility (H, W, w*(1+W)) for `windowed_attention`: query (i, j) against
+    key (r, c) of the frame of the w grid rows i-w+1..i (r = 0 the oldest), c = 0 being the prefix's copy at the
+    head of each frame row and c = 1.. the codes. Only the own row's prefix copy and the rows inside the grid
+    are visible."""
+    H, W = grid_shape
+    j = torch.arange(W, device=device)[:, None]
+    r = torch.arange(w, device=device).repeat_interleave(1 + W)[None]
+    c = torch.arange(1 + W, device=device).repeat(w)[None]
+    index, visible = relative_index(torch.full_like(j, w - 1), j, r, c - 1, w)
+    prefix = c == 0
+    index = torch.where(prefix, 2 * w * w, index)
+    visible = torch.where(prefix, r == w - 1, visible)
+    inside = r >= w - 1 - torch.arange(H, device=device)[:, None]  # (H, w*(1+W)): key row i-(w-1)+r >= 0
+    return index, visible[None] & inside[:, None]
+
+
+def windowed_attention(qkv: Tensor, rel_bias: Tensor | None, index: Tensor, mask: Tensor, grid_shape: tuple[int, int],
+                       w: int, dropout_p: float = 0.0) -> Tensor:
+    """Block-sparse equivalent of the dense masked attention of a window model: qkv (B, 1 + H*W, 3, h, hd), the
+    fused projection's output as it comes; returns (B, 1 + H*W, h*hd), ready for the output projection.
+
+    Every grid row's W queries attend to a frame of w*(1+W) keys, the w rows ending at their own, each row
+    headed by a copy of the prefix (index (W, w*(1+W)) and additive mask (H, W, w*(1+W)) from
+    window_rows_index), instead of all 1 + H*W keys: the work falls by about H/w. The prefix query sees only
+    itself, so its output is its own value.
+    """
+    bias = mask if rel_bias is None else rel_bias[:, index].to(qkv.dtype)[:, None] + mask  # (h, H, W, w*(1+W))
+    return _WindowedAttention.apply(qkv, bias, grid_shape, w, dropout_p)
+
+
+class _WindowedAttention(torch.autograd.Function):
+    """windowed_attention's forward and backward, written out: through autograd the same ops took 1.4-1.6x as
+    long (benchmarks/gpt_train_speed.py, attention only), in unfold_backward's scatter of the overlapping frames,
+    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are
+    laid out for the batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames'
+    gradients are summed by one strided reduction.
+
+    Keys and values are tables of rows (B*h*H grid rows, each headed by a prefix copy), with w-1 zero rows
+    before them; a row's frame is the w table rows ending at its own: an overlapping view that the batched
+    matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the zero
+    rows), which the mask hides (and their gradients are exactly zero).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, grid: tuple[int, int], w: int, dropout_p: float) -> Tensor:
+        B, T, _, h, hd = qkv.shape
+        H, W = grid
+        n = B * h * H
+        q = qkv.new_empty(B, h, H, W, hd).copy_(_by_rows(qkv[:, 1:, 0], grid)).view(n, W, hd).mul_(hd ** -0.5)
+        tables = []
+        for s in (1, 2):  # keys, values
+            table = qkv.new_empty(w - 1 + n, 1 + W, hd)
+            table[:w - 1] = 0
+            rows = table[w - 1:].view(B, h, H, 1 + W, hd)
+            rows[:, :, :, 0] = qkv[:, 0, s, :, None]
+            rows[:, :, :, 1:] = _by_rows(qkv[:, 1:, s], grid)
+            tables.append(table)
+        k, v = (_frames(t, w) for t in tables)
+        att = torch.bmm(q, k.mT)
+        att.view(B, h, H, W, -1).add_(bias)
+        att = att.softmax(-1)  # float32 under CUDA autocast: the casts below are no-ops otherwise
+        noise = F.dropout(torch.ones_like(att), dropout_p) if dropout_p else None  # = F.dropout(att)'s draws
+        y = torch.bmm((att if noise is None else att * noise).to(v.dtype), v)
+        out = qkv.new_empty(B, T, h, hd)
+        out[:, 0] = qkv[:, 0, 2]
+        _by_rows(out[:, 1:], grid).copy_(y.view(B, h, H, W, hd))
+        ctx.save_for_backward(q, *tables, att, noise)
+        ctx.grid, ctx.w = grid, w
+        return out.view(B, T, h * hd)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None, None]:
+        q, k_table, v_table, att, noise = ctx.saved_tensors
+        (H, W), w = ctx.grid, ctx.w
+        n, hd = q.shape[0], q.shape[2]
+        B, T, h = grad.shape[0], grad.shape[1], n // (grad.shape[0] * H)
+        grad = grad.contiguous().view(B, T, h, hd)  # a loss like .sum() sends a stride-0 one
+        dy = _by_rows(grad[:, 1:], ctx.grid).reshape(n, W, hd)
+        d_att = torch.bmm(dy, _frames(v_table, w).mT)
+        if noise is not None:
+            d_att.mul_(noise)
+        d_scores = torch._softmax_backward_data(d_att.to(att.dtype), att, -1, att.dtype).to(q.dtype)
+        d_bias = d_scores.view(B, h, H, W, -1).sum(0) if ctx.needs_input_grad[1] else None
+        d_qkv = grad.new_empty(B, T, 3, h, hd)
+        d_qkv[:, 0, 0] = 0  # the prefix query attends to nothing
+        d_q = torch.bmm(d_scores, _frames(k_table, w)).mul_(hd ** -0.5)
+        _by_rows(d_qkv[:, 1:, 0], ctx.grid).copy_(d_q.view(B, h, H, W, hd))
+        dropped = (att if noise is None else att * noise).to(q.dtype)
+        for s, (a, b) in ((1, (d_scores.mT, q)), (2, (dropped.mT, dy))):
+            rows = _unframe(a, b, w)[w - 1:].view(B, h, H, 1 + W, hd)
+            d_qkv[:, 0, s] = rows[:, :, :, 0].sum(2)  # the prefix's copies
+            _by_rows(d_qkv[:, 1:, s], ctx.grid).copy_(rows[:, :, :, 1:])
+        d_qkv[:, 0, 2] += grad[:, 0]  # the prefix query's output is its value
+        return d_qkv, d_bias, None, None, None
+
+
+def _by_rows(codes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, h, H, W, hd) view of (B, H*W, h, hd) codes in raster order: each head's grid rows."""
+    B, _, h, hd = codes.shape
+    return codes.view(B, *grid, h, hd).permute(0, 3, 1, 2, 4)
+
+
+def _frames(table: Tensor, w: int) -> Tensor:
+    """(n, w*(1+W), hd) view of a (w-1+n, 1+W, hd) table: frame f is table rows f..f+w-1."""
+    rows, width, hd = table.shape
+    return table.view(rows, width * hd).unfold(0, w, 1).mT.reshape(rows - w + 1, w * width, hd)
+
+
+def _unframe(a: Tensor, b: Tensor, w: int) -> Tensor:
+    """The gradient (w-1+n, (1+W)*hd) of a table from its frames' gradients bmm(a, b), (n, w*(1+W), hd): each
+    table row sums its w frames' blocks. The bmm writes into a buffer padded with w-1 zero frames on both sides,
+    where row r's blocks (frame r-o, block o) are equally spaced: one strided sum adds them up."""
+    n, L, hd = a.shape[0], a.shape[1], b.shape[2]
+    R = L // w * hd
+    buf = a.new_empty(n + 2 * (w - 1), L * hd)
+    buf[:w - 1] = 0
+    buf[n + w - 1:] = 0
+    torch.bmm(a, b, out=buf[w - 1:n + w - 1].view(n, L, hd))
+    return buf.as_strided((n + w - 1, w, R), (w * R, (w - 1) * R, 1), (w - 1) * R).sum(1)
+
+
+def flex_block_mask(grid_shape: tuple[int, int], w: int, T: int, device: torch.device) -> tuple[Tensor, BlockMask]:
+    """attention_index's bias columns (T, T) and its visibility as FlexAttention's block mask: only the blocks
+    with a visible pair are computed (about H/w of them for a window model)."""
+    index, visible = attention_index(grid_shape, w, device)
+    index, visible = index[:T, :T].contiguous(), visible[:T, :T].contiguous()
+    return index, create_block_mask(lambda b, h, q, k: visible[q, k], None, None, T, T, device=device)
+
+
+# compiled on CUDA (FlexAttention's fused kernel; eager it is a dense reference), as is on CPU (tests)
+_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor | None, index: Tensor,
+                          block_mask: BlockMask) -> Tensor:
+    """q, k, v (B, h, T, hd) -> (B, h, T, hd): the window model's attention through FlexAttention, the relative
+    bias added by a score_mod (differentiable: the bias table gets its gradient), the mask by the block mask."""
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + rel_bias[h, index[q_idx, kv_idx]].to(score.dtype)
+    return _flex(q, k, v, score_mod=None if rel_bias is None else add_bias, block_mask=block_mask)
+
+
+def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a per-head learned relative-position bias (the window rule of relative_index)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.window = config.window
+        # per-head bias: columns di*2w + dj + w for code keys, last column for the prefix key
+        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1)) if config.rel_bias else None
+
+    def forward(self, x: Tensor, index: Tensor | None, mask: Tensor | None, grid: tuple[int, int] | None = None,
+                cache: KVCache | None = None, block_mask: BlockMask | None = None) -> Tensor:
+        """Dense attention with (T, T) bias columns `index` and additive `mask` (or plain causal attention if both
+        are None); with `block_mask`, the same through FlexAttention; with `grid` (a window model, x covering
+        whole grid rows), windowed_attention with window_rows_index's index and mask."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        p = self.dropout if self.training else 0.0
+        if grid is not None:
+            return self.resid_drop(self.proj(windowed_attention(qkv, self.rel_bias, index, mask, grid, self.window, p)))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            cache.fill(k, v)
+        if block_mask is not None:
+            y = flex_window_attention(q, k, v, self.rel_bias, index, block_mask)
+        elif mask is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:  # an additive float mask in q's dtype: CUDA's memory-efficient kernel takes it (flash takes none)
+            bias = mask if self.rel_bias is None else self.rel_bias[:, index].to(q.dtype) + mask  # differentiable gather
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p)  # 4-D: the fused CPU kernel
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def decode(self, x: Tensor, cache: KVCache, slot: int | Tensor, window: slice | Tensor, bias: Tensor) -> Tensor:
+        """One token x (B, C): write its key/value into `slot` of the cache and attend to the cache's `window`
+        slots (a slice: views; an index tensor: a fixed-size gather, for the compiled step), scores starting from
+        `bias` (B*h, 1, L) (relative bias + mask). Two batched matmuls over the B*h cache rows read the keys and
+        values in place: on CPU faster than SDPA's fused kernel for a single query."""
+        B, C = x.shape
+        qkv = self.qkv(x).view(B, 3, self.n_head, self.head_dim)
+        cache.write(slot, qkv[:, 1:].transpose(0, 1))
+        k_t, v = cache.read(window)
+        q = qkv[:, 0].reshape(B * self.n_head, 1, self.head_dim)
+        att = torch.baddbmm(bias, q, k_t, alpha=self.head_dim ** -0.5).softmax(-1)
+        return self.proj(torch.bmm(att, v).view(B, C))
