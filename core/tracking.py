@@ -70,11 +70,15 @@ def take_run_name(default: str) -> str:
     return name or default
 
 
-def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT) -> None:
-    """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds."""
+def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT, read_only: bool = False) -> None:
+    """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds.
+    ``read_only``: only point at the store (torchrun's other ranks, which read runs but never write)."""
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if read_only:
+        mlflow.set_tracking_uri(uri)
+        return
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:

@@ -29,3 +29,19 @@ class CodeGrids:
         """Read a ``vocab.json`` (keys beyond these three, as older runs wrote, are ignored)."""
         d = json.loads(Path(path).read_text())
         return cls(int(d["codebook_size"]), tuple(int(s) for s in d["grid_shape"]), tuple(d["classes"]))
+
+
+def open_codes(path: str | Path, what: str | None = None) -> np.ndarray:
+    """Code grids (N,h,w) of a ``.npy`` file, memory-mapped read-only: pages are read as rows are used, so
+    opening a million grids costs nothing; callers cast the rows they take (``np.asarray(a[idx], np.int64)``).
+    A file that is not an integer array (or is cut short) is a one-line error."""
+    from core.errors import UserError
+
+    what = what or f"code grids {path}"
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle objects from a file we did not write
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if arr.dtype.kind not in "iu" or arr.ndim != 3:
+        raise UserError(f"{what} must be integer code grids (N,h,w), got {arr.dtype} {arr.shape}")
+    return arr

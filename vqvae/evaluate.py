@@ -164,7 +164,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
             # keep only the worst few so far: every image would not fit in memory on big sets
             worst = keep_worst(worst, (m["psnr"], x.cpu(), xrec.cpu()), cfg.worst)
     per_image = {k: torch.cat(v).numpy() for k, v in rows.items()}
-    _, used, ppl = usage_stats(torch.cat(codes).numpy(), tok.codebook_size)
+    _, used, ppl = usage_stats(np.bincount(torch.cat(codes).numpy().reshape(-1), minlength=tok.codebook_size))
     metrics = {f"eval/{k}": float(np.mean(v)) for k, v in per_image.items()}
     metrics.update({"eval/codebook_usage": used, "eval/perplexity": ppl, "eval/num_images": len(paths),
                     "eval/images_per_sec": len(paths) / max(time.perf_counter() - t0, 1e-9)})
