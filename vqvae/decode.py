@@ -15,9 +15,11 @@ from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
+from vqvae.codegrids import open_codes
 from vqvae.tokenizer import load_tokenizer
 
 SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
+GRID_MAX = 64  # images in the logged grid, however many are decoded
 
 
 @dataclass
@@ -32,17 +34,12 @@ class DecodeConfig(Config):
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
-def load_codes(path: Path) -> torch.Tensor:
-    try:
-        arr = np.load(path, allow_pickle=False)  # never unpickle objects from a file we did not write
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read code grids from {path}: {str(exc).splitlines()[0]}") from None
-    if arr.dtype.kind not in "iu":
-        raise UserError(f"code grids in {path} must be integers, got {arr.dtype}")
-    return torch.from_numpy(arr.astype(np.int64))
+def load_codes(path: Path) -> np.ndarray:
+    """The code grids of a file, memory-mapped: batches are read (and cast) as they are decoded."""
+    return open_codes(path, f"code grids from {path}")
 
 
-def source_codes(cfg: DecodeConfig) -> tuple[torch.Tensor, str]:
+def source_codes(cfg: DecodeConfig) -> tuple[np.ndarray, str]:
     """(code grids, tokenizer run ID) for the chosen input."""
     if cfg.indices:
         if not cfg.vqvae_run_id:
@@ -78,14 +75,20 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
         codes = codes[: cfg.max_images]
         if len(codes) == 0:
             raise UserError("there are no code grids to decode")
-        tok.check_indices(codes)
-        images = torch.cat([tok.decode(b).cpu() for b in codes.split(cfg.batch_size)])
+        preview = []
         with artifact_folder() as out:
             (out / "images").mkdir()
-            for i, img in enumerate(images):
-                to_pil(img).save(out / "images" / f"{i:04d}.png")
-            grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
-        mlflow.log_metric("data/num_images", len(images))
+            # batch by batch: PNGs written as they are decoded, only the grid's first images kept in memory
+            for lo in range(0, len(codes), cfg.batch_size):
+                batch = torch.from_numpy(np.asarray(codes[lo:lo + cfg.batch_size], dtype=np.int64))
+                tok.check_indices(batch)
+                images = tok.decode(batch.to(rt.device)).cpu()
+                for i, img in enumerate(images, lo):
+                    to_pil(img).save(out / "images" / f"{i:0{max(4, len(str(len(codes) - 1)))}d}.png")
+                if lo < GRID_MAX:
+                    preview.append(images[:GRID_MAX - lo])
+            grid_image(torch.cat(preview), nrow=cfg.nrow).save(out / "grid.png")
+        mlflow.log_metric("data/num_images", len(codes))
         return run.info.run_id
 
 
