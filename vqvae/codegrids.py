@@ -42,6 +42,8 @@ def open_codes(path: str | Path, what: str | None = None) -> np.ndarray:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle objects from a file we did not write
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"cannot read {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if arr.dtype.kind not in "iu" or arr.ndim != 3:
-        raise UserError(f"{what} must be integer code grids (N,h,w), got {arr.dtype} {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise UserError(f"{what} must be integers, got {arr.dtype}")
+    if arr.ndim != 3:
+        raise UserError(f"{what} must have shape (N, height, width), got {arr.shape}")
     return arr

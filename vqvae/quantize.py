@@ -212,6 +212,7 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                         np.lib.format.open_memmap(path, mode="w+", dtype=grids.code_dtype,
                                                   shape=(len(part), *grids.grid_shape)).flush()
             save_progress(work, progress)
+        (progress,) = broadcast_from_main(rt, progress)  # where every rank starts: row counts, small
         t0, encoded = time.perf_counter(), 0
         for split, part in parts.items():
             arrays = ([np.lib.format.open_memmap(p, mode="r+") for p in files[split]] if rt.is_main
