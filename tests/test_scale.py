@@ -151,3 +151,64 @@ def test_images_are_verified_once_per_manifest_content(tmp_path, monkeypatch, tr
     assert len(opened) == 12
     core.data.read_manifest(manifest, check_files=False)  # --no-verify
     assert len(opened) == 12
+
+
+class StandInFeatures(torch.nn.Module):
+    """A small fixed network in Inception's place (its weights cannot be downloaded in tests)."""
+
+    def __init__(self, name, features_list, **kwargs):
+        from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+        FeatureExtractorBase.__init__(self, name, features_list)
+        gen = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(3 * 4 * 4, 12, generator=gen), requires_grad=False)
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        feats = {"feat": pooled @ self.proj, "logits": (pooled @ self.proj)[:, :5]}
+        return tuple(feats[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "feat", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "feat", "kid": "feat", "prc": "feat"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+
+def test_generation_metrics_are_logged_on_the_generate_run(quantize_run, dataset, tmp_path, monkeypatch):
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if "stand-in" not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor("stand-in", type("StandIn", (StandInFeatures, FeatureExtractorBase), {}))
+    res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT)
+    assert res.exit_code == 0, res.output
+    res = invoke("generate", "--transformer-run-id", last_line(res.stdout), "--num-samples", "12", "--batch-size", "5")
+    assert res.exit_code == 0, res.output
+    gen = last_line(res.stdout)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights there
+    res = invoke("evaluate", "--generate-run-id", gen, "--manifest", dataset)
+    assert res.exit_code == 1 and "weights-inception-2015-12-05" in res.stderr and len(res.stderr.splitlines()) == 1
+
+    npz = tmp_path / "samples.npz"
+    res = invoke("evaluate", "--generate-run-id", gen, "--manifest", dataset, "--feature-extractor", "stand-in",
+                 "--npz", npz, "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    run = mlflow.MlflowClient().get_run(gen)
+    m = run.data.metrics
+    assert m["gen/num_samples"] == 12 and m["gen/num_reference_images"] == 24
+    assert m["gen/fid"] > 0 and m["gen/inception_score"] >= 1 and 0 <= m["gen/precision"] <= 1
+    assert 0 <= m["gen/recall"] <= 1
+    assert run.data.tags["gen/reference"] == dataset.parent.name and run.info.status == "FINISHED"
+    arr = np.load(npz)["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 16, 16, 3)
