@@ -110,6 +110,13 @@ def manifest_fingerprint(manifest: str | Path, image_paths: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
+def data_fingerprint(manifest: str | Path) -> str:
+    """`manifest_fingerprint` of a manifest file (its rows read, no image opened): what runs are tagged with
+    (``data_fingerprint``) so that a pipeline reuses a run only for the same data, wherever the manifest lives."""
+    df, _ = read_manifest(manifest, check_files=False)
+    return manifest_fingerprint(manifest, df["image_path"].tolist())
+
+
 def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str | None]:
     """`check_image` of every image (None: usable), computed once per manifest content: the result is cached
     under `cache_dir` keyed by `manifest_fingerprint`, so later stages on the same data open no image."""

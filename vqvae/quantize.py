@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, cache_dir, read_manifest_on_ranks
+from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks
 from core.errors import UserError
 from core.options import Config, build_config, config_options, opt
 from core.runtime import broadcast_from_main, setup_runtime, teardown
@@ -201,6 +201,7 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
         if rt.is_main:
             if progress is None:
                 log_manifest(df, str(manifest), "quantize")
+                mlflow.set_tag("data_fingerprint", data_fingerprint(manifest))  # what pipeline reuse is keyed on
                 mlflow.set_tag("quantize_work_dir", str(work))
                 progress = {"config": dataclasses.asdict(cfg), "done": {"train": 0, "val": 0}}
                 (out / "codes").mkdir(parents=True, exist_ok=True)

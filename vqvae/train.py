@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_weights
-from core.data import ImageDataset, SeededSampler, default_num_workers, read_manifest_on_ranks
+from core.data import (ImageDataset, SeededSampler, data_fingerprint, default_num_workers,
+                       read_manifest_on_ranks)
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook
@@ -130,6 +131,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
         if rt.is_main and state is None:
             log_manifest(df, str(cfg.manifest), "training")
+            mlflow.set_tag("data_fingerprint", data_fingerprint(cfg.manifest))  # what pipeline reuse is keyed on
             mlflow.log_metrics({"data/train_images": len(train_df), "data/val_images": len(val_df),
                                 "data/skipped_images": skipped}, step=0)
         model = VQModel(cfg).to(rt.device)
