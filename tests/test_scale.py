@@ -212,3 +212,23 @@ def test_generation_metrics_are_logged_on_the_generate_run(quantize_run, dataset
     assert run.data.tags["gen/reference"] == dataset.parent.name and run.info.status == "FINISHED"
     arr = np.load(npz)["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (12, 16, 16, 3)
+
+
+def test_repeated_downloads_do_not_grow_the_temp_folder(quantize_run, tmp_path, monkeypatch):
+    import tempfile
+
+    from core import tracking
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's temp folder
+    monkeypatch.setattr(tracking, "_DOWNLOADS", [])
+    before = tracking.download(quantize_run, "codes/train.npy")
+    held = np.load(before, mmap_mode="r")  # open from the first download, as train holds it
+    expected = np.array(held)
+    sizes = []
+    for _ in range(4):
+        path = tracking.download(quantize_run, "codes/train.npy")
+        tracking.download(quantize_run, "codes")  # a folder too
+        sizes.append(sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()))
+    assert path == before and len(set(sizes)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [tracking.download_folder().name]
+    assert np.array_equal(held, expected)  # replaced by rename: the mapped file is untouched
