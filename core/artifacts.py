@@ -103,11 +103,11 @@ def read_codes(path: Path, run_id: str | None, name: str, mmap: bool = False) ->
 
 
 def read_table(path: Path, run_id: str | None, name: str, columns: tuple[str, ...]):
-    """A CSV table with at least ``columns``."""
+    """The ``columns`` of a CSV table (only those: a million image paths would cost more memory than the codes)."""
     import pandas as pd
 
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, usecols=lambda c: c in columns)
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise damaged(run_id, name, what_is_wrong(Path(path), exc, "CSV table")) from None
     missing = [c for c in columns if c not in table.columns]

@@ -218,6 +218,11 @@ def load_checkpoint(run_id: str) -> tuple[dict[str, Any], str]:
     raise UserError(f"{first_error.message}; no other checkpoint slot of the run loads either: {remedy(run_id)}")
 
 
+def load_checkpoint_slot(run_id: str, slot: str) -> dict[str, Any]:
+    """The checkpoint in ``slot`` of a run (the one `load_checkpoint` chose on rank 0), loaded onto the CPU."""
+    return safe_load(download(run_id, f"{ARTIFACT_DIR}/{slot}"), f"checkpoint {slot} of run {run_id}")
+
+
 def _present_slots(run_id: str) -> list[str]:
     """The checkpoint slots a run holds (listing fails on some stores: then every name is tried)."""
     import mlflow

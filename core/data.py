@@ -70,8 +70,7 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
         out["split"] = [hash_split(k, val_fraction) for k in out["key"]]
     skipped = 0
     if check_files:
-        with ThreadPoolExecutor(8) as pool:
-            reasons = list(pool.map(check_image, out["image_path"]))
+        reasons = verified_reasons(path, out["image_path"].tolist())
         bad = [(p, r) for p, r in zip(out["key"], reasons) if r]
         if bad and not skip_bad_images:
             first = "; ".join(f"{p} ({r})" for p, r in bad[:3])
@@ -85,6 +84,76 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     if not (out["split"] == "train").any():
         raise UserError(f"manifest {path} has no training images (every row is split 'val')")
     return out, skipped
+
+
+def cache_dir(*parts: str) -> Path:
+    """This toolkit's cache folder (``$TAMING_CACHE_DIR``, else ``$XDG_CACHE_HOME/taming-mlflow``, else
+    ``~/.cache/taming-mlflow``), or a folder below it; created on first use."""
+    root = os.environ.get("TAMING_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                          "taming-mlflow")
+    folder = Path(root, *parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def manifest_fingerprint(manifest: str | Path, image_paths: list[str]) -> str:
+    """What a manifest's data is: a hash of the manifest's bytes and every image's size and modification time.
+    Two manifests with the same fingerprint hold the same images (a stat per file, no image is opened); a
+    changed, added or removed image changes it."""
+    h = hashlib.sha256(Path(manifest).read_bytes())
+    for p in image_paths:
+        try:
+            st = os.stat(p)
+            h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"\0{p}\0missing".encode())
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(manifest: str | Path) -> str:
+    """`manifest_fingerprint` of a manifest file (its rows read, no image opened): what runs are tagged with
+    (``data_fingerprint``) so that a pipeline reuses a run only for the same data, wherever the manifest lives."""
+    df, _ = read_manifest(manifest, check_files=False)
+    return manifest_fingerprint(manifest, df["image_path"].tolist())
+
+
+def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str | None]:
+    """`check_image` of every image (None: usable), computed once per manifest content: the result is cached
+    under `cache_dir` keyed by `manifest_fingerprint`, so later stages on the same data open no image."""
+    import json
+
+    cached = cache_dir("verified") / f"{manifest_fingerprint(manifest, image_paths)}.json"
+    if cached.is_file():
+        try:
+            bad = {int(k): str(v) for k, v in json.loads(cached.read_text()).items()}
+            return [bad.get(i) for i in range(len(image_paths))]
+        except (ValueError, AttributeError):
+            pass  # a damaged cache entry: verify again
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(check_image, image_paths))
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({i: r for i, r in enumerate(reasons) if r}))
+    os.replace(tmp, cached)
+    return reasons
+
+
+def read_manifest_on_ranks(rt, path: str | Path, val_fraction: float, skip_bad_images: bool,
+                           verify: bool = True) -> tuple[pd.DataFrame, int]:
+    """`read_manifest` under torchrun: rank 0 verifies the images; the other ranks read the manifest themselves
+    and drop the rows rank 0 found bad (only their positions travel, as a tensor: no image list is pickled)."""
+    if not rt.distributed:
+        return read_manifest(path, val_fraction, skip_bad_images, check_files=verify)
+    import torch.distributed as dist
+
+    full, _ = read_manifest(path, val_fraction, skip_bad_images, check_files=False)
+    keep = torch.ones(len(full), dtype=torch.uint8)
+    if rt.is_main and verify:
+        df, skipped = read_manifest(path, val_fraction, skip_bad_images, check_files=True)
+        keep = torch.from_numpy(full["image_path"].isin(df["image_path"]).to_numpy().astype(np.uint8))
+    keep = keep.to(rt.device)  # NCCL moves GPU tensors only
+    dist.broadcast(keep, src=0)
+    mask = keep.cpu().numpy().astype(bool)
+    return full[mask].reset_index(drop=True), int((~mask).sum())
 
 
 def default_num_workers() -> int:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
+from core.checkpoint import CheckpointWriter, load_checkpoint, load_checkpoint_slot, resolve_resume_config
 from core.errors import UserError
 from core.runtime import Runtime, broadcast_from_main, setup_runtime, teardown
 from core.tracking import connect, get_run
@@ -26,19 +26,22 @@ def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: d
                      ) -> Iterator[tuple[Runtime, C, dict | None, str | None]]:
     """Runtime (joining torchrun if launched by it) and, when resuming, the checkpoint and its merged config.
 
-    Yields (runtime, config, resume state or None, checkpoint slot); only rank 0 talks to MLflow and the
-    others receive what it read.
+    Yields (runtime, config, resume state or None, checkpoint slot); only rank 0 writes to MLflow; the others
+    receive the config it resolved and read the checkpoint it chose themselves.
     """
     rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
     try:
         state, slot = None, None
-        if rt.is_main:
-            connect(tracking_uri, experiment)
-            if resume_run_id:
-                resume_run_id = get_run(resume_run_id, stage).info.run_id  # a models:/ URI names its source run
-                state, slot = load_checkpoint(resume_run_id)
-                cfg = resolve_resume_config(state, overrides or {}, type(cfg), resume_run_id)
-        state, cfg = broadcast_from_main(rt, state, cfg)
+        connect(tracking_uri, experiment, read_only=not rt.is_main)
+        if rt.is_main and resume_run_id:
+            resume_run_id = get_run(resume_run_id, stage).info.run_id  # a models:/ URI names its source run
+            state, slot = load_checkpoint(resume_run_id)
+            cfg = resolve_resume_config(state, overrides or {}, type(cfg), resume_run_id)
+        # only the config and the checkpoint's name travel: each rank loads the checkpoint itself (onto the CPU),
+        # so nothing checkpoint-sized is pickled or staged in GPU memory by broadcast_object_list
+        cfg, resume_run_id, slot = broadcast_from_main(rt, cfg, resume_run_id, slot)
+        if slot is not None and not rt.is_main:
+            state = load_checkpoint_slot(resume_run_id, slot)
         yield rt, cfg, state, slot
     finally:
         teardown(rt)

@@ -70,11 +70,15 @@ def take_run_name(default: str) -> str:
     return name or default
 
 
-def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT) -> None:
-    """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds."""
+def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT, read_only: bool = False) -> None:
+    """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds.
+    ``read_only``: only point at the store (torchrun's other ranks, which read runs but never write)."""
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if read_only:
+        mlflow.set_tracking_uri(uri)
+        return
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
@@ -305,18 +309,55 @@ def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, r
         click.echo(run_id)  # last stdout line: lets shells chain stages with $(... | tail -n1)
 
 
+_DOWNLOADS: list[Path] = []  # this process's download folder, made on first use
+
+
+def download_folder() -> Path:
+    """One folder per process for downloaded artifacts, removed when the process exits: a day of stages does not
+    fill the temp folder (MLflow would make a new temp folder per download and never remove it)."""
+    import atexit
+    import shutil
+
+    if not _DOWNLOADS or not _DOWNLOADS[0].is_dir():
+        folder = Path(tempfile.mkdtemp(prefix="taming-downloads-"))
+        owner = os.getpid()  # forked workers inherit the list but must not remove their parent's folder
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        _DOWNLOADS[:] = [folder]
+    return _DOWNLOADS[0]
+
+
 def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> Path:
-    """Download an artifact (file or folder) of a run; a missing artifact is a one-line error."""
+    """Download an artifact (file or folder) of a run; a missing artifact is a one-line error.
+
+    Without ``dst`` it lands at ``download_folder()/RUN_ID/ARTIFACT_PATH``: downloading it again replaces it
+    (by rename, so a file still open or memory-mapped from the last download stays intact) instead of adding
+    a copy."""
+    import shutil
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    staging = None
+    if dst is None:
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=download_folder()))
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                    dst_path=str(dst) if dst else None)
-    except (MlflowException, OSError) as exc:
-        raise UserError(f"run {run_id} has no artifact {artifact_path!r} ({_first_line(exc)}); "
-                        "was that stage finished?") from None
-    return Path(local)
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst or staging))
+        except (MlflowException, OSError) as exc:
+            raise UserError(f"run {run_id} has no artifact {artifact_path!r} ({_first_line(exc)}); "
+                            "was that stage finished?") from None
+        if staging is None:
+            return Path(local)
+        final = download_folder() / run_id / artifact_path.strip("/")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(local, final)
+        return final
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def find_upstream(run_id: str, stage: str, max_hops: int = 6):

@@ -71,6 +71,7 @@ def tracking_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["TAMING_CACHE_DIR"] = str(d / "cache")  # verified manifests, quantize work folders: not in ~/.cache
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()
     return d

@@ -154,3 +154,20 @@ def test_unknown_key_in_config_file_is_named(tracking_dir, dataset, tmp_path):
 def test_manifest_is_required(tracking_dir, config):
     res = invoke("pipeline", "--config", config)
     assert res.exit_code == 1 and "--manifest is required" in res.stderr
+
+
+def test_reuse_is_keyed_on_the_data_not_the_manifest_path(tracking_dir, dataset, config, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset.parent, data)
+    args = ("--manifest", data / "manifest.csv", "--config", config, "--set", "generate.num-samples=1")
+    first, _ = pipeline(*args, experiment="pipeline-data")
+    image = sorted((data / "img").glob("*.png"))[0]
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(image)  # same path, new pixels
+    changed, actions = pipeline(*args, experiment="pipeline-data")
+    assert set(actions.values()) == {"ran"}  # the tokenizer onwards: a stale tokenizer is not reused
+    assert not set(changed.values()) & set(first.values())

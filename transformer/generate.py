@@ -1,12 +1,13 @@
 """generate: sample code grids from a trained transformer into a new run (tag stage=generate).
 
-Artifacts: ``samples/codes.npy`` (N,H,W), ``samples/logprob.npy``, ``settings.json`` (every setting plus the
-label of each sample), ``grid.png`` (the samples decoded through the upstream tokenizer, captioned with their
-class names) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
+Artifacts: ``samples/codes.npy`` (N,H,W; written batch by batch into a memory map), ``samples/logprob.npy``,
+``settings.json`` (every setting plus the label of each sample), ``grid.png`` (a preview: the first 64 samples
+decoded through the upstream tokenizer, captioned with their class names) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ import click
 import numpy as np
 import torch
 from torchvision import transforms
+from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
 from core.options import Config, build_config, config_options, opt
-from core.runtime import setup_runtime
+from core.runtime import setup_runtime, teardown
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from core.weights import load_model_weights
@@ -43,7 +45,8 @@ class GenerateConfig(Config):
     # 10-20 read best on digits (cfg 3: none 49%, k=50 43%, k=20 56%, k=10 60% of samples as the class asked for)
     top_k: int = opt(DEFAULT_TOP_K, "Keep the k most likely codes (0: all).", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass.", gt=0, le=1)
-    seed: int = opt(0, "Random seed: the same seed gives the same samples.", ge=0)
+    seed: int = opt(0, "Random seed: the same seed and --batch-size give the same samples, with any number of "
+                       "torchrun processes (each batch is seeded from the seed and its first sample's number).", ge=0)
     best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.", ge=1)
     context_image: str = opt(None, "Complete this image: its top rows are kept, the rest is sampled.")
     context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.", gt=0, lt=1,
@@ -141,15 +144,67 @@ def run_name_parts(cfg: GenerateConfig) -> tuple[str, ...]:
     return tuple(p for p in parts if p)
 
 
+PREVIEW = 64  # samples decoded into the logged grid
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The sampling seed of the batch whose first sample is number ``first``: a batch draws the same samples
+    whichever rank makes it, so one process and N ranks give the same samples for the same seed."""
+    return int(np.random.SeedSequence([seed, first]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None, cfg: GenerateConfig, rt,
+                grid: tuple[int, int], labels: torch.Tensor | None, context: torch.Tensor | None,
+                cfg_scale: float) -> None:
+    """Sample ``cfg.num_samples`` grids batch by batch, each batch seeded by `batch_seed`; under torchrun rank r
+    makes batches r, r+W, ...: each round rank 0 gathers the ranks' batches (fixed-size tensors) and writes them
+    into the memory-mapped ``codes``/``logprob`` (None on the other ranks). Memory stays that of a round."""
+    n, bs, world = cfg.num_samples, cfg.batch_size, rt.world_size
+    with tqdm(total=n, unit="sample", file=sys.stderr, disable=not rt.is_main, dynamic_ncols=True) as bar:
+        for first in range(0, n, bs * world):
+            lo = min(first + rt.rank * bs, n)
+            hi = min(lo + bs, n)
+            batch = torch.zeros(bs, *grid, dtype=torch.long, device=rt.device)
+            lp = torch.zeros(bs, dtype=torch.float32, device=rt.device)
+            if hi > lo:
+                try:
+                    c, l = generate(model, hi - lo, grid_shape=grid, labels=None if labels is None else labels[lo:hi],
+                                    cfg_scale=cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                    top_p=cfg.top_p, seed=batch_seed(cfg.seed, lo),
+                                    context=None if context is None else context[lo:hi], best_of=cfg.best_of,
+                                    batch_size=bs, use_cache=cfg.cache, compile=cfg.compile)
+                except ValueError as exc:  # e.g. a larger grid for a full-attention model
+                    raise UserError(str(exc)) from None
+                batch[:hi - lo], lp[:hi - lo] = c.to(rt.device), l.float().to(rt.device)
+            if rt.distributed:
+                parts, lps = [torch.empty_like(batch) for _ in range(world)], [torch.empty_like(lp) for _ in range(world)]
+                torch.distributed.all_gather(parts, batch)
+                torch.distributed.all_gather(lps, lp)
+                batch, lp = torch.cat(parts), torch.cat(lps)
+            end = min(first + bs * world, n)
+            if codes is not None:
+                codes[first:end] = batch[:end - first].cpu().numpy()
+                logprob[first:end] = lp[:end - first].cpu().numpy()
+            bar.update(end - first)
+
+
 def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    rt = setup_runtime(cfg.device)
+    try:
+        return _generate(rt, cfg, tracking_uri, experiment)
+    finally:
+        teardown(rt)
+
+
+def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str | None) -> str:
     import mlflow
 
     from vqvae.tokenizer import load_tokenizer
 
-    rt = setup_runtime(cfg.device)
-    connect(tracking_uri, experiment)
+    connect(tracking_uri, experiment, read_only=not rt.is_main)
     cfg = resolve_run_ids(cfg)
-    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg)) as run:
+    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg),
+                   enabled=rt.is_main) as run:
         model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
         model.to(PRECISIONS[cfg.precision])
         grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
@@ -158,28 +213,34 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
         vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
         tokenizer = load_tokenizer(vqvae_run_id, rt.device)
         context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
-        try:
-            codes, logprob = generate(model, cfg.num_samples, grid_shape=grid, labels=labels,
-                                      cfg_scale=cfg_scale, temperature=cfg.temperature,
-                                      top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed, context=context,
-                                      best_of=cfg.best_of, batch_size=cfg.batch_size, use_cache=cfg.cache,
-                                      compile=cfg.compile, progress=True)
-        except ValueError as exc:  # e.g. a larger grid for a full-attention model
-            raise UserError(str(exc)) from None
+        if not rt.is_main:
+            sample_into(model, None, None, cfg, rt, grid, labels, context, cfg_scale)
+            return ""
         with artifact_folder() as out:
             (out / "samples").mkdir()
-            np.save(out / "samples" / "codes.npy", codes.cpu().numpy().astype(vocab.code_dtype))
-            np.save(out / "samples" / "logprob.npy", logprob.cpu().numpy())
+            # written batch by batch into memory maps: 50,000 samples never sit in memory
+            codes = np.lib.format.open_memmap(out / "samples" / "codes.npy", mode="w+", dtype=vocab.code_dtype,
+                                              shape=(cfg.num_samples, *grid))
+            logprob = np.lib.format.open_memmap(out / "samples" / "logprob.npy", mode="w+", dtype=np.float32,
+                                                shape=(cfg.num_samples,))
+            sample_into(model, codes, logprob, cfg, rt, grid, labels, context, cfg_scale)
+            codes.flush()
+            logprob.flush()
             settings = {**asdict(cfg), "cfg_scale": cfg_scale, "grid_shape": list(grid), "sample_labels": names,
                         "vqvae_run_id": vqvae_run_id}
             (out / "settings.json").write_text(json.dumps(settings, indent=2))
             if cfg.gif:
-                generation_gif(codes.cpu(), tokenizer, out / "samples" / "generation.gif")
-            images = torch.cat([tokenizer.decode(b).cpu() for b in codes.split(cfg.batch_size)])
-            distinct = len(set(names))  # labels cycle: one column per label when there are a few
+                generation_gif(torch.from_numpy(codes[:16].astype(np.int64)), tokenizer,
+                               out / "samples" / "generation.gif")
+            preview = torch.from_numpy(codes[:PREVIEW].astype(np.int64)).to(rt.device)
+            images = torch.cat([tokenizer.decode(b).cpu() for b in preview.split(cfg.batch_size)])
+            shown = names[:PREVIEW]
+            distinct = len(set(shown))  # labels cycle: one column per label when there are a few
             nrow = distinct if 1 < distinct <= 16 else 8
-            grid_image(images, nrow=nrow, captions=names if labels is not None else None).save(out / "grid.png")
-        mlflow.log_metric("generate/mean_logprob_per_token", float(logprob.mean()) / (grid[0] * grid[1]))
+            grid_image(images, nrow=nrow, captions=shown if labels is not None else None).save(out / "grid.png")
+            mean_logprob = float(np.mean(logprob, dtype=np.float64))
+            del codes, logprob
+        mlflow.log_metric("generate/mean_logprob_per_token", mean_logprob / (grid[0] * grid[1]))
         return run.info.run_id
 
 

@@ -5,11 +5,11 @@ import contextlib
 import dataclasses
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +21,7 @@ from core.images import grid_image
 from core.loop import TrainLoop, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, broadcast_from_main
+from core.runtime import Runtime
 from core.artifacts import damaged, read_codes, read_table
 from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
@@ -33,46 +33,65 @@ from transformer.vocab import Vocab
 
 @dataclasses.dataclass
 class CodeData:
-    """A quantize run's artifacts: code grids per split, their class ids (-1: none) and the vocabulary."""
+    """A quantize run's artifacts: code grids per split (memory-mapped, read a batch at a time), with --flip the
+    flipped training images' grids, class ids per row (-1: none) and the vocabulary."""
     vocab: Vocab
-    codes: dict[str, torch.Tensor]
-    labels: dict[str, torch.Tensor]
+    codes: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    flipped: np.ndarray | None = None
 
     @classmethod
     def from_run(cls, run_id: str) -> "CodeData":
+        """Each rank calls it itself: the files are memory-mapped, so a million grids cost a few pages of RSS."""
+        import mlflow
+
         get_run(run_id, "quantize")
         vocab = Vocab.load(download(run_id, "vocab.json"), run_id)
         index = read_table(download(run_id, "index.csv"), run_id, "index.csv", ("split", "row", "label_id"))
         codes, labels = {}, {}
         for split in ("train", "val"):
-            arr = read_codes(download(run_id, f"codes/{split}.npy"), run_id, f"codes/{split}.npy")
-            if arr.shape[1:] != vocab.grid_shape or (arr.size and int(arr.max()) >= vocab.codebook_size):
-                raise damaged(run_id, f"codes/{split}.npy", f"holds grids of shape {arr.shape[1:]} with ids up to "
-                              f"{int(arr.max()) if arr.size else '-'}, but vocab.json says {vocab.grid_shape} grids "
-                              f"of {vocab.codebook_size} codes")
-            codes[split] = torch.from_numpy(arr.astype(np.int64))
+            name = f"codes/{split}.npy"
+            codes[split] = arr = read_codes(download(run_id, name), run_id, name, mmap=True)
+            if arr.shape[1:] != vocab.grid_shape:
+                raise damaged(run_id, name, f"holds grids of shape {arr.shape[1:]}, but vocab.json says "
+                              f"{vocab.grid_shape}")
             part = index[index.split == split].sort_values("row")
-            try:  # a copy: pandas arrays are read-only
-                ids = part.label_id.to_numpy()
-                labels[split] = torch.tensor(ids.astype(np.int64)) if ids.dtype.kind in "iu" else None
-            except (TypeError, ValueError):
-                labels[split] = None
-            if labels[split] is None or len(labels[split]) != len(arr):
+            ids = part.label_id.to_numpy()
+            if ids.dtype.kind not in "iu" or len(ids) != len(arr):
                 raise damaged(run_id, "index.csv", f"has {len(part)} {split} rows (with integer label_id), but "
-                              f"codes/{split}.npy has {len(arr)} grids")
+                              f"{name} has {len(arr)} grids")
+            labels[split] = ids.astype(np.int32)
         if len(codes["train"]) == 0:
             raise UserError(f"quantize run {run_id} has no training code grids")
-        return cls(vocab, codes, labels)
+        flipped = None
+        names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "codes")}
+        if "train_flip.npy" in names:
+            flipped = read_codes(download(run_id, "codes/train_flip.npy"), run_id, "codes/train_flip.npy", mmap=True)
+            if flipped.shape != codes["train"].shape:
+                raise damaged(run_id, "codes/train_flip.npy", f"holds {flipped.shape} grids, but codes/train.npy "
+                              f"holds {codes['train'].shape}")
+        return cls(vocab, codes, labels, flipped)
 
     def sequences(self, split: str, idx: torch.Tensor, label_dropout: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Token sequences [prefix, codes...]; the prefix is the class token, or SOS (unconditional / dropped)."""
-        codes = self.codes[split][idx].flatten(1)
-        labels = self.labels[split][idx]
+                  generator: torch.Generator | None = None, flip: bool = False) -> torch.Tensor:
+        """Token sequences [prefix, codes...]; the prefix is the class token, or SOS (unconditional / dropped).
+        ``flip``: each training sample is taken from the flipped images' grids with probability 1/2."""
+        rows = idx.numpy()
+        grids = np.asarray(self.codes[split][rows], dtype=np.int64)
+        if grids.size and grids.max() >= self.vocab.codebook_size:  # checked per batch: the files are never read whole
+            raise UserError(f"codes/{split}.npy holds code id {grids.max()}, but vocab.json says "
+                            f"{self.vocab.codebook_size} codes: the quantize run is damaged; re-run quantize")
+        codes = torch.from_numpy(grids).flatten(1)
+        labels = torch.from_numpy(self.labels[split][rows].astype(np.int64))
         prefix = self.vocab.prefix(labels)
         if label_dropout > 0:
             drop = torch.rand(len(idx), generator=generator) < label_dropout
             prefix = torch.where(drop, self.vocab.sos_id, prefix)
+        if flip and split == "train" and self.flipped is not None:
+            take = (torch.rand(len(idx), generator=generator) < 0.5).numpy()
+            if take.any():
+                codes[torch.from_numpy(take)] = torch.from_numpy(
+                    np.asarray(self.flipped[rows[take]], dtype=np.int64)).flatten(1)
         return torch.cat([prefix[:, None], codes], dim=1)
 
 
@@ -130,8 +149,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, resume_run_id=resume_run_id,
                    enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
                                              f"L{cfg.n_layer}")) as run:
-        data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None
-        (data,) = broadcast_from_main(rt, data)
+        data = CodeData.from_run(cfg.quantize_run_id)  # on every rank: memory maps, nothing sent between ranks
         vocab = data.vocab
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -181,7 +199,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 for micro in range(cfg.grad_accum):
                     idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
                     seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
-                                         dropout_rng).to(rt.device, non_blocking=True)
+                                         dropout_rng, flip=True).to(rt.device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
                     with contextlib.nullcontext() if sync else ddp_model.no_sync():
                         with rt.autocast():

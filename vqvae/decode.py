@@ -19,6 +19,7 @@ from core.tracking import (artifact_folder, connect, download, find_upstream, ge
 from vqvae.tokenizer import load_tokenizer
 
 SAMPLES_ARTIFACT = "samples/codes.npy"  # written by `generate`
+GRID_MAX = 64  # images in the logged grid, however many are decoded
 
 
 @dataclass
@@ -33,12 +34,13 @@ class DecodeConfig(Config):
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
 
-def load_codes(path: Path, run_id: str | None = None, name: str | None = None) -> torch.Tensor:
-    """Code grids from a .npy file (artifact ``name`` of ``run_id``, or a user's file); never unpickles."""
-    return torch.from_numpy(read_codes(path, run_id, name or str(path)).astype(np.int64))
+def load_codes(path: Path, run_id: str | None = None, name: str | None = None) -> np.ndarray:
+    """Code grids of a .npy file (artifact ``name`` of ``run_id``, or a user's file), memory-mapped: batches are
+    read (and cast) as they are decoded; never unpickles."""
+    return read_codes(path, run_id, name or str(path), mmap=True)
 
 
-def source_codes(cfg: DecodeConfig) -> tuple[torch.Tensor, str]:
+def source_codes(cfg: DecodeConfig) -> tuple[np.ndarray, str]:
     """(code grids, tokenizer run ID) for the chosen input."""
     if cfg.indices:
         if not cfg.vqvae_run_id:
@@ -74,14 +76,20 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
         codes = codes[: cfg.max_images]
         if len(codes) == 0:
             raise UserError("there are no code grids to decode")
-        tok.check_indices(codes)
-        images = torch.cat([tok.decode(b).cpu() for b in codes.split(cfg.batch_size)])
+        preview = []
         with artifact_folder() as out:
             (out / "images").mkdir()
-            for i, img in enumerate(images):
-                to_pil(img).save(out / "images" / f"{i:04d}.png")
-            grid_image(images, nrow=cfg.nrow).save(out / "grid.png")
-        mlflow.log_metric("data/num_images", len(images))
+            # batch by batch: PNGs written as they are decoded, only the grid's first images kept in memory
+            for lo in range(0, len(codes), cfg.batch_size):
+                batch = torch.from_numpy(np.asarray(codes[lo:lo + cfg.batch_size], dtype=np.int64))
+                tok.check_indices(batch)
+                images = tok.decode(batch.to(rt.device)).cpu()
+                for i, img in enumerate(images, lo):
+                    to_pil(img).save(out / "images" / f"{i:0{max(4, len(str(len(codes) - 1)))}d}.png")
+                if lo < GRID_MAX:
+                    preview.append(images[:GRID_MAX - lo])
+            grid_image(torch.cat(preview), nrow=cfg.nrow).save(out / "grid.png")
+        mlflow.log_metric("data/num_images", len(codes))
         return run.info.run_id
 
 

@@ -39,6 +39,13 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 @dataclass
 class EvalConfig(Config):
     vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage to evaluate.")
+    generate_run_id: str = opt(None, "Instead: a generate run whose samples to score (FID, Inception Score, "
+                                     "precision/recall) against --manifest's images.")
+    npz: str = opt(None, "With --generate-run-id: also write the samples to this .npz (arr_0, uint8 NHWC: the "
+                         "file OpenAI's ADM evaluator reads).", applies=lambda c: bool(c.generate_run_id))
+    feature_extractor: str = opt("inception-v3-compat", "With --generate-run-id: torch-fidelity feature extractor "
+                                 "(inception-v3-compat gives the published FID/IS).",
+                                 applies=lambda c: bool(c.generate_run_id))
     manifest: str = opt(None, "Manifest whose val split to use (default: the tokenizer's, split as in training).")
     max_images: int = opt(None, "Evaluate at most this many val images (default: all).", ge=1)
     batch_size: int = opt(32, "Images per batch.", ge=1)
@@ -160,7 +167,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
             # keep only the worst few so far: every image would not fit in memory on big sets
             worst = keep_worst(worst, (m["psnr"], x.cpu(), xrec.cpu()), cfg.worst)
     per_image = {k: torch.cat(v).numpy() for k, v in rows.items()}
-    _, used, ppl = usage_stats(torch.cat(codes).numpy(), tok.codebook_size)
+    _, used, ppl = usage_stats(np.bincount(torch.cat(codes).numpy().reshape(-1), minlength=tok.codebook_size))
     metrics = {f"eval/{k}": float(np.mean(v)) for k, v in per_image.items()}
     metrics.update({"eval/codebook_usage": used, "eval/perplexity": ppl, "eval/num_images": len(paths),
                     "eval/images_per_sec": len(paths) / max(time.perf_counter() - t0, 1e-9)})
@@ -194,10 +201,25 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
 def evaluate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Measure a tokenizer's reconstructions on its val split; logs eval/* onto its run (prints the run ID last).
 
+    With --generate-run-id and --manifest: FID, Inception Score and precision/recall of a generate run's samples
+    against the manifest's images (torch-fidelity), logged as gen/* onto the generate run.
+
     PSNR of identical images is capped at 100 dB. LPIPS and rFID need pretrained weights in the torch hub
     cache; without them they are skipped with a note (tag eval/<metric>_note), not an error.
     """
     cfg = build_config(EvalConfig, values)
+    if cfg.generate_run_id:
+        from vqvae.sample_metrics import generation_metrics
+
+        if not cfg.manifest:
+            raise UserError("--generate-run-id needs --manifest: the reference images the samples are scored against")
+        rt = setup_runtime(cfg.device)
+        connect(tracking_uri, experiment)
+        run_id = resolve_run_ids(cfg).generate_run_id
+        generation_metrics(run_id, cfg.manifest, rt.device, cfg.batch_size, cfg.max_images, cfg.feature_extractor,
+                           cfg.npz)
+        click.echo(run_id)
+        return
     if not cfg.vqvae_run_id:
         raise UserError("--vqvae-run-id is required (the run ID printed by train-vqvae)")
     evaluate(cfg, tracking_uri, experiment)

@@ -90,7 +90,7 @@ def export_vqvae(run_id: str, fmt: str, out: str | Path, tracking_uri: str | Non
 
 def init_from_run(rt: Runtime, cfg: VQConfig, explicit: dict[str, Any] | None
                   ) -> tuple[VQConfig, dict[str, torch.Tensor] | None]:
-    """The config with the architecture of the ``--init-from`` run, and (on rank 0) its weights with the quantizer's
+    """The config with the architecture of the ``--init-from`` run, and its weights (each rank reads them itself) with the quantizer's
     bookkeeping restarted. An explicitly given architecture option that differs is an error."""
     state = None
     if rt.is_main:
@@ -110,8 +110,10 @@ def init_from_run(rt: Runtime, cfg: VQConfig, explicit: dict[str, Any] | None
         levels = [d for d in (2**i for i in range(len(src.ch_mult))) if src.image_size // d in src.attn_resolutions]
         cfg = dataclasses.replace(cfg, image_size=size, attn_resolutions=tuple(size // d for d in levels),
                                   **{k: getattr(src, k) for k in ARCHITECTURE if k != "attn_resolutions"})
-        state = fresh_statistics(model.state_dict(), VQModel(cfg).state_dict())
-    cfg, state = broadcast_from_main(rt, cfg, state)
+    (cfg,) = broadcast_from_main(rt, cfg)  # the config only: each rank reads the weights itself
+    if not rt.is_main:
+        model, _, _ = load_vq_model(cfg.init_from)
+    state = fresh_statistics(model.state_dict(), VQModel(cfg).state_dict())
     return cfg, state
 
 

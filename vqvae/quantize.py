@@ -1,11 +1,16 @@
 """quantize: encode a manifest's images into code grids, stored as artifacts of a new run (tag stage=quantize).
 
-Artifacts: ``codes/<split>.npy`` (N,h,w; uint16 when the codebook fits), ``index.csv`` (split, row → image_path,
+Artifacts: ``codes/<split>.npy`` (N,h,w; uint16 when the codebook fits; with --flip also
+``codes/train_flip.npy``, the flipped training images' codes, row for row), ``index.csv`` (split, row → image_path,
 label, label_id), ``vocab.json`` (codebook size, grid shape and class names: what the codes are; the
 transformer lays out its own tokens from it), ``codebook_usage.png``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, read_manifest
+from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks
 from core.errors import UserError
 from core.options import Config, build_config, config_options, opt
-from core.runtime import setup_runtime
-from core.tracking import (artifact_folder, connect, data_name, log_manifest, resolve_run_ids, run_name_option,
+from core.runtime import broadcast_from_main, setup_runtime, teardown
+from core.tracking import (connect, data_name, get_run, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from vqvae.codegrids import CodeGrids
 from vqvae.tokenizer import Tokenizer, load_tokenizer
@@ -37,6 +42,9 @@ class QuantizeConfig(Config):
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
     precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
+    flip: bool = opt(False, "Also store the codes of the horizontally flipped training images "
+                            "(codes/train_flip.npy; train then picks one of the two per sample, LlamaGen's augmentation).")
+    verify: bool = opt(True, "Open every image once to check it (cached per manifest content); --no-verify skips it.")
 
 
 def sorted_classes(labels: pd.Series) -> tuple[str, ...]:
@@ -47,22 +55,8 @@ def sorted_classes(labels: pd.Series) -> tuple[str, ...]:
     return tuple(names)
 
 
-def encode_images(tok: Tokenizer, paths: list[str], batch_size: int, num_workers: int, rt,
-                  desc: str) -> np.ndarray:
-    """Code grids (N,h,w) int64 for image files, batched, with pinned non-blocking host→device copies."""
-    loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=rt.device.type == "cuda")
-    out = []
-    with torch.inference_mode():
-        for x, _ in tqdm(loader, desc=desc, dynamic_ncols=True):
-            with rt.autocast():
-                out.append(tok.encode(x.to(rt.device, non_blocking=True)).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, *tok.grid_shape), dtype=np.int64)
-
-
-def usage_stats(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float, float]:
-    """(counts per code, fraction of codes used, perplexity) over a set of code grids."""
-    counts = np.bincount(codes.reshape(-1), minlength=codebook_size)
+def usage_stats(counts: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(counts per code, fraction of codes used, perplexity) from the count of each code."""
     p = counts / max(counts.sum(), 1)
     nz = p[p > 0]
     return counts, float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
@@ -83,15 +77,111 @@ def usage_figure(counts: np.ndarray):
     return fig
 
 
-def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: str | None = None) -> str:
+PROGRESS = "progress.json"  # in the work folder: rows already encoded per split, written after their codes
+
+
+def work_folder(run_id: str) -> Path:
+    """Where a quantize run's codes grow (memory-mapped) until they are uploaded; `--resume` continues there."""
+    return cache_dir("quantize", run_id)
+
+
+def save_progress(work: Path, state: dict) -> None:
+    """The durable progress marker: written (atomically) only after the codes it counts are flushed to disk, so
+    after a kill it never claims rows that are not there."""
+    tmp = work / f"{PROGRESS}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, work / PROGRESS)
+
+
+def usage_from_files(paths: list[Path], codebook_size: int, chunk: int = 4096) -> tuple[np.ndarray, float, float]:
+    """`usage_stats` of code files read a chunk of grids at a time (the codes are never all in memory)."""
+    counts = np.zeros(codebook_size, dtype=np.int64)
+    for path in paths:
+        arr = np.load(path, mmap_mode="r")
+        for lo in range(0, len(arr), chunk):
+            counts += np.bincount(np.asarray(arr[lo:lo + chunk]).reshape(-1), minlength=codebook_size)
+    return usage_stats(counts)
+
+
+def rank_rows(lo: int, n: int, batch_size: int, rt) -> range:
+    """Rows this rank encodes in the round starting at row ``lo``: its own batch of the ranks' consecutive ones."""
+    start = min(lo + rt.rank * batch_size, n)
+    return range(start, min(start + batch_size, n))
+
+
+def encode_split(tok: Tokenizer, paths: list[str], arrays: list[np.ndarray], start: int, cfg: QuantizeConfig,
+                 rt, desc: str, on_round) -> int:
+    """Encode images ``start``.. into ``arrays`` (the codes, then with --flip those of the flipped images), a round
+    at a time: each rank encodes its own batch, rank 0 gathers the round (fixed-size tensors, nothing pickled)
+    and writes it, then calls ``on_round(rows done)``. Returns the images this process encoded."""
+    n, bs, world = len(paths), cfg.batch_size, rt.world_size
+    rounds = range(start, n, bs * world)
+    # a rank past the end still takes part in the round's gather: it encodes a stand-in image and sends padding
+    batches = [list(rank_rows(lo, n, bs, rt)) or [0] for lo in rounds]
+    loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_sampler=batches,
+                        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+    views = len(arrays)
+    encoded = 0
+    with torch.inference_mode():
+        for lo, (x, _) in tqdm(zip(rounds, loader), total=len(rounds), desc=desc, dynamic_ncols=True,
+                               disable=not rt.is_main):
+            x = x.to(rt.device, non_blocking=True)
+            if views == 2:
+                x = torch.cat([x, x.flip(-1)])
+            with rt.autocast():
+                codes = tok.encode(x).view(views, len(x) // views, *tok.grid_shape)
+            encoded += len(rank_rows(lo, n, bs, rt))
+            if rt.distributed:
+                padded = codes.new_zeros(views, bs, *tok.grid_shape)
+                padded[:, :codes.shape[1]] = codes
+                parts = [torch.empty_like(padded) for _ in range(world)]
+                torch.distributed.all_gather(parts, padded)
+                codes = torch.cat(parts, dim=1)  # rank r's batch at [r*bs, (r+1)*bs)
+            if rt.is_main:
+                hi = min(lo + bs * world, n)
+                host = codes[:, :hi - lo].cpu().numpy()
+                for arr, part in zip(arrays, host):
+                    arr[lo:hi] = part
+                on_round(hi)
+    return encoded
+
+
+def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: str | None = None,
+             resume_run_id: str | None = None) -> str:
+    """Encode the manifest into code grids, streamed into memory-mapped files in a work folder (`work_folder`)
+    with a progress marker after every round, so that ``resume_run_id`` continues a killed run where it stopped;
+    under torchrun every rank encodes its share and rank 0 writes and talks to MLflow."""
+    rt = setup_runtime(cfg.device, cfg.precision)
+    try:
+        return _quantize(rt, cfg, tracking_uri, experiment, resume_run_id)
+    finally:
+        teardown(rt)
+
+
+def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str | None,
+              resume_run_id: str | None) -> str:
     import matplotlib.pyplot as plt
     import mlflow
 
-    rt = setup_runtime(cfg.device, cfg.precision)
-    connect(tracking_uri, experiment)
-    cfg = resolve_run_ids(cfg)
-    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id,
-                   data=data_name(cfg.manifest) if cfg.manifest else None) as run:
+    connect(tracking_uri, experiment, read_only=not rt.is_main)
+    progress = None
+    if rt.is_main:
+        if resume_run_id:
+            resume_run_id = get_run(resume_run_id, "quantize").info.run_id
+            marker = work_folder(resume_run_id) / PROGRESS
+            if not marker.is_file():
+                raise UserError(f"quantize run {resume_run_id} has no progress on this machine ({marker} is "
+                                "missing: it finished, or ran elsewhere); quantize again without --resume")
+            progress = json.loads(marker.read_text())
+            cfg = dataclasses.replace(QuantizeConfig(**progress["config"]), device=cfg.device,
+                                      num_workers=cfg.num_workers)
+        cfg = resolve_run_ids(cfg)
+    (cfg, progress) = broadcast_from_main(rt, cfg, progress)  # a config and row counts: small
+    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, resume_run_id=resume_run_id,
+                   enabled=rt.is_main, data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
         manifest = cfg.manifest or tok.manifest
         if manifest is None:
@@ -99,40 +189,72 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
                             "pass --manifest")
         if not cfg.manifest and not Path(manifest).is_file():
             raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
-        df, skipped = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
-        log_manifest(df, str(manifest), "quantize")
+        df, skipped = read_manifest_on_ranks(rt, manifest, tok.val_fraction, cfg.skip_bad_images, cfg.verify)
         classes = sorted_classes(df["label"])
         grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
-        with artifact_folder() as out:
-            (out / "codes").mkdir()
-            t0, all_codes, index = time.perf_counter(), [], []
-            for split in ("train", "val"):
-                part = df[df.split == split].reset_index(drop=True)
-                codes = encode_images(tok, part.image_path.tolist(), cfg.batch_size, cfg.num_workers, rt, split)
-                np.save(out / "codes" / f"{split}.npy", codes.astype(grids.code_dtype))
-                index.append(part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label",
-                                                                     "label_id"]])
-                all_codes.append(codes)
-            elapsed = time.perf_counter() - t0
-            pd.concat(index).to_csv(out / "index.csv", index=False)
-            (out / "vocab.json").write_text(grids.to_json())
-        counts, used, ppl = usage_stats(np.concatenate([c.reshape(-1) for c in all_codes]), tok.codebook_size)
+        parts = {split: df[df.split == split].reset_index(drop=True) for split in ("train", "val")}
+        (run_id,) = broadcast_from_main(rt, run.info.run_id if run else None)
+        work = work_folder(run_id) if rt.is_main else None
+        out = work / "artifacts" if work else None
+        files: dict[str, list[Path]] = {}
+        if rt.is_main:
+            if progress is None:
+                log_manifest(df, str(manifest), "quantize")
+                mlflow.set_tag("data_fingerprint", data_fingerprint(manifest))  # what pipeline reuse is keyed on
+                mlflow.set_tag("quantize_work_dir", str(work))
+                progress = {"config": dataclasses.asdict(cfg), "done": {"train": 0, "val": 0}}
+                (out / "codes").mkdir(parents=True, exist_ok=True)
+            for split, part in parts.items():
+                names = [f"{split}.npy"] + ([f"{split}_flip.npy"] if cfg.flip and split == "train" else [])
+                files[split] = [out / "codes" / name for name in names]
+                for path in files[split]:
+                    if not path.is_file():  # preallocated: the disk space is claimed before any work
+                        np.lib.format.open_memmap(path, mode="w+", dtype=grids.code_dtype,
+                                                  shape=(len(part), *grids.grid_shape)).flush()
+            save_progress(work, progress)
+        (progress,) = broadcast_from_main(rt, progress)  # where every rank starts: row counts, small
+        t0, encoded = time.perf_counter(), 0
+        for split, part in parts.items():
+            arrays = ([np.lib.format.open_memmap(p, mode="r+") for p in files[split]] if rt.is_main
+                      else [None] * (2 if cfg.flip and split == "train" else 1))
+
+            def on_round(done: int, split=split, arrays=arrays) -> None:
+                for arr in arrays:
+                    arr.flush()  # the codes reach the disk before the marker that counts them
+                progress["done"][split] = done
+                save_progress(work, progress)
+
+            encoded += encode_split(tok, part.image_path.tolist(), arrays, progress["done"][split], cfg, rt, split,
+                                    on_round)
+            del arrays
+        elapsed = time.perf_counter() - t0
+        if not rt.is_main:
+            return ""
+        pd.concat([part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label", "label_id"]]
+                   for part in parts.values()]).to_csv(out / "index.csv", index=False)
+        (out / "vocab.json").write_text(grids.to_json())
+        counts, used, ppl = usage_from_files(files["train"][:1] + files["val"], tok.codebook_size)
         mlflow.log_metrics({"quantize/codebook_usage": used, "quantize/perplexity": ppl, "data/num_images": len(df),
-                            "data/skipped_images": skipped, "quantize/images_per_sec": len(df) / max(elapsed, 1e-9)})
+                            "data/skipped_images": skipped,
+                            "quantize/images_per_sec": encoded / max(elapsed, 1e-9)})
         fig = usage_figure(counts)
         mlflow.log_figure(fig, "codebook_usage.png")
         plt.close(fig)
+        mlflow.log_artifacts(str(out))
+        shutil.rmtree(work, ignore_errors=True)  # uploaded: nothing is left to resume
         return run.info.run_id
 
 
 @click.command("quantize")
 @config_options(QuantizeConfig)
+@click.option("--resume", "resume_run_id", default=None,
+              help="Continue this quantize run (killed or failed) after the last images it stored.")
 @run_name_option
 @with_tracking_options
-def quantize_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+def quantize_command(tracking_uri: str | None, experiment: str, resume_run_id: str | None, **values: Any) -> None:
     """Encode a dataset into code grids with a trained tokenizer (prints the run ID last)."""
     cfg = build_config(QuantizeConfig, values)
-    if not cfg.vqvae_run_id:
+    if not cfg.vqvae_run_id and not resume_run_id:
         raise UserError("--vqvae-run-id is required (the run ID printed by train-vqvae)")
-    quantize(cfg, tracking_uri, experiment)
+    quantize(cfg, tracking_uri, experiment, resume_run_id)

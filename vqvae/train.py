@@ -11,14 +11,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_weights
-from core.data import ImageDataset, SeededSampler, default_num_workers, read_manifest
+from core.data import (ImageDataset, SeededSampler, data_fingerprint, default_num_workers,
+                       read_manifest_on_ranks)
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook
 from core.images import comparison_grid
 from core.loop import TrainLoop, ignore_stop_signals, training_session
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, average_gradients, broadcast_from_main
+from core.runtime import Runtime, average_gradients
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
@@ -125,15 +126,15 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                    name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         if cfg.manifest is None:
             raise UserError("--manifest is required: a CSV with an image_path column")
-        # every image is opened and verified once, by rank 0; the other ranks get the checked list
-        df, skipped = (read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images) if rt.is_main
-                       else (None, 0))
-        df, skipped = broadcast_from_main(rt, df, skipped)
+        # every image is opened and verified once, by rank 0 (and cached per manifest content); the other ranks
+        # read the manifest themselves and drop the rows rank 0 found bad
+        df, skipped = read_manifest_on_ranks(rt, cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
         if rt.is_main and state is None:
             log_manifest(df, str(cfg.manifest), "training")
+            mlflow.set_tag("data_fingerprint", data_fingerprint(cfg.manifest))  # what pipeline reuse is keyed on
             mlflow.log_metrics({"data/train_images": len(train_df), "data/val_images": len(val_df),
                                 "data/skipped_images": skipped}, step=0)
         model = VQModel(cfg).to(rt.device)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import click
 import yaml
 
+from core.data import data_fingerprint
 from core.errors import UserError
 from core.options import build_config
 from core.tracking import (NOTE_TAG, code_version, connect, data_name, describe, download, get_run, run_link, run_params,
@@ -142,14 +143,18 @@ def stage_config(stage: Stage, values: dict[str, Any]) -> Any:
 
 
 def find_finished(stage: Stage, cfg: Any, upstream: str | None, version: str) -> str | None:
-    """The newest FINISHED run of this stage in the active experiment with the same upstream run, code version
-    and params, if any."""
+    """The newest FINISHED run of this stage in the active experiment with the same upstream run, code version,
+    params and (stages that read a manifest) data fingerprint, if any."""
     import mlflow
 
     query = [f"tags.stage = '{stage.tag}'", "attributes.status = 'FINISHED'", f"tags.code_version = '{version}'"]
     if upstream:
         query.append(f"tags.upstream_run_id = '{upstream}'")
     params = {k: str(v) for k, v in run_params(cfg).items()}  # as MLflow stores them
+    if getattr(cfg, "manifest", None):
+        # keyed on the data, not the path: an edited manifest or a changed image means a new run
+        query.append(f"tags.data_fingerprint = '{data_fingerprint(cfg.manifest)}'")
+        params.pop("manifest", None)
     for run in mlflow.search_runs(filter_string=" and ".join(query), order_by=["attributes.start_time DESC"],
                                   output_format="list"):
         # A resumed run keeps the params of its first start, which may not describe what it became.
