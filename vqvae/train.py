@@ -18,7 +18,7 @@ from core.health import check_codebook
 from core.images import comparison_grid
 from core.loop import TrainLoop, ignore_stop_signals, training_session
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, average_gradients, broadcast_from_main
+from core.runtime import Runtime, average_gradients, broadcast_from_main, fused_adam
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
@@ -99,16 +99,14 @@ def samples_before(step: int, cfg: VQConfig) -> int:
 
 
 def step_discriminator(disc: torch.nn.Module, opt_d: torch.optim.Optimizer, scaler_d: torch.amp.GradScaler,
-                       rt: Runtime) -> None:
+                       rt: Runtime, loop: TrainLoop, ok: torch.Tensor) -> None:
     """Optimizer step of the discriminator (not DDP-wrapped: it also runs, frozen, in the generator pass).
 
     Its gradients are averaged over ranks before the scaler looks for inf/NaN: a rank whose own gradients are
     finite must still skip a step that another rank's overflow poisons, or the replicas diverge.
     """
     average_gradients(disc, rt)
-    scaler_d.step(opt_d)
-    scaler_d.update()
-    opt_d.zero_grad(set_to_none=True)
+    loop.step_optimizer(opt_d, scaler_d, ok)
 
 
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
@@ -136,8 +134,8 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         model = VQModel(cfg).to(rt.device)
         model.quantizer.forwards_per_step = cfg.grad_accum  # restarts and usage windows count optimizer steps
         loss_fn = VQGANLoss(cfg).to(rt.device)
-        opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        opt_ae = fused_adam(model.parameters(), cfg.lr, (0.5, 0.9))
+        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, (0.5, 0.9))
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         start_from(model, init, cfg, rt.is_main)
         ema = WeightEMA(model, cfg.ema_weights, live=("quantizer.codebook",) if cfg.quantizer == "vq" else ())
@@ -164,7 +162,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
 
         net = wrapped(step >= cfg.warmup_steps)
         workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
-        pin = rt.device.type == "cuda"
+        pin = rt.pin_memory()
         sampler = SeededSampler(len(train_df), rt.rank, rt.world_size, cfg.seed, start=samples_before(step, cfg))
         loader = DataLoader(ImageDataset(train_df.image_path.tolist(), cfg.image_size, True, cfg.flip),
                             batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -200,7 +198,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 logs: dict[str, torch.Tensor] = {}
                 finite, seen = torch.ones((), dtype=torch.bool, device=rt.device), 0
                 for micro in range(cfg.grad_accum):
-                    x = next(batches)[0].to(rt.device, non_blocking=True)
+                    x = next(batches)[0].to(rt.device, non_blocking=pin)
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
                     with contextlib.nullcontext() if sync else net.no_sync():
                         with rt.autocast():
@@ -221,15 +219,13 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     for k, v in glogs.items():
                         logs[k] = logs.get(k, 0.0) + v.detach().float() / cfg.grad_accum
                     seen += x.shape[0]
-                finite = loop.agree_finite(finite, opt_ae, opt_d)
-                if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
-                    scaler.step(opt_ae)
-                    scaler.update()
-                    opt_ae.zero_grad(set_to_none=True)
-                    if disc_on:
-                        step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt)
-                    ema.update()
-                loop.end_step(seen)
+                # a non-finite step is skipped on the device; it still counts, validates and checkpoints on schedule
+                ok = loop.step_ok(finite)
+                loop.step_optimizer(opt_ae, scaler, ok)
+                if disc_on:
+                    step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt, loop, ok)
+                ema.update(ok)
+                finite = loop.end_step(seen)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):
                     logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host read for all
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
