@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from core.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume_config
 from core.errors import UserError
-from core.runtime import Runtime, broadcast_from_main, setup_runtime, teardown
+from core.runtime import Runtime, adopt_config, broadcast_from_main, setup_runtime, teardown
 from core.tracking import connect, get_run
 
 
@@ -39,6 +39,7 @@ def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: d
                 state, slot = load_checkpoint(resume_run_id)
                 cfg = resolve_resume_config(state, overrides or {}, type(cfg), resume_run_id)
         state, cfg = broadcast_from_main(rt, state, cfg)
+        rt = adopt_config(rt, cfg.device, cfg.precision)  # a resumed run keeps its own unless given again
         yield rt, cfg, state, slot
     finally:
         teardown(rt)

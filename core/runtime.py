@@ -78,15 +78,8 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes per stage: autotuned conv kernels pay off at once
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     seed_everything(seed)
@@ -99,6 +92,32 @@ def fused_adam(params: Any, lr: float, betas: tuple[float, float], cls: type = t
     on the device (``found_inf``), so a non-finite step is skipped without a host synchronisation
     (`TrainLoop.step_optimizer`)."""
     return cls(params, lr=lr, betas=betas, fused=True, **kwargs)
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``--device`` (auto, cpu, cuda) as the device this process uses (made current, with TF32 and cuDNN
+    autotuning, when it is a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes per stage: autotuned conv kernels pay off at once
+    return dev
+
+
+def adopt_config(rt: Runtime, device: str, precision: str) -> Runtime:
+    """The runtime for a config that changed after it was built (a resumed run's saved ``--device`` and
+    ``--precision``, unless given again): the precision is taken as it is; a different device only in a single
+    process (a process group is bound to its device)."""
+    dev = resolve_device(device, rt.local_rank)
+    if dev != rt.device and rt.distributed:
+        raise UserError(f"the resumed run was trained with --device {device}; pass --device {rt.device.type} "
+                        "explicitly to resume it on this device with torchrun")
+    return Runtime(dev, precision, rt.rank, rt.world_size, rt.local_rank)
 
 
 def seed_everything(seed: int) -> None:

@@ -136,7 +136,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
             opt.load_state_dict(state["opt"])
-            scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:  # empty when saved unscaled (fp32/bf16): resumed in fp16, the scaler starts afresh
+                scaler.load_state_dict(state["scaler"])
             ema.load_state_dict(state.get("ema"))
             step = state["step"]
         tokenizer = None

@@ -145,8 +145,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             load_weights(loss_fn.discriminator, state["discriminator"], f"discriminator of run {resume_run_id}")
             opt_ae.load_state_dict(state["opt_ae"])
             opt_d.load_state_dict(state["opt_d"])
-            scaler.load_state_dict(state["scaler"])
-            scaler_d.load_state_dict(state["scaler_d"])
+            if state["scaler"]:  # empty when saved unscaled (fp32/bf16): resumed in fp16, the scaler starts afresh
+                scaler.load_state_dict(state["scaler"])
+            if state["scaler_d"]:
+                scaler_d.load_state_dict(state["scaler_d"])
             ema.load_state_dict(state.get("ema"))
             step = state["step"]
 
