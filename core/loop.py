@@ -86,6 +86,39 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: torch.Tensor | None = None,
+                   clip: float = 0.0) -> None:
+    """``optimizer.step()`` through ``scaler`` (optionally clipping the gradient norm), skipped on the device
+    where ``ok`` is False, then the gradients dropped.
+
+    A fused optimizer (`fused_adam`) takes the skip as the ``found_inf`` flag that GradScaler also uses, in the
+    same kernel; under fp16 the flag poisons one gradient so the scaler's own inf check (on the device, which
+    also backs off the scale) skips the step. Other optimizers need a host read of ``ok``.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if ok is not None and scaler.is_enabled() and params:
+        grad = params[0].grad
+        grad.mul_(torch.where(ok.to(grad.device), 1.0, float("nan")).to(grad.dtype))
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif ok is None:
+        optimizer.step()
+    elif optimizer.defaults.get("fused"):
+        # the attribute GradScaler sets for fused optimizers: the kernel leaves weights, moments and step count
+        optimizer.found_inf = (~ok).float().to(params[0].device if params else ok.device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class TrainLoop:
     """Counts steps and does what happens between them, identically for every training stage.
 
@@ -139,35 +172,6 @@ class TrainLoop:
         self._skipped += (~ok).to(torch.int32)
         self._ok = ok
         return ok
-
-    def step_optimizer(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: torch.Tensor,
-                       clip: float = 0.0) -> None:
-        """``optimizer.step()`` through ``scaler`` (optionally clipping the gradient norm), skipped on the device
-        where ``ok`` is False, then the gradients dropped.
-
-        A fused optimizer (`fused_adam`) takes the skip as the ``found_inf`` flag that GradScaler also uses, in the
-        same kernel; under fp16 the flag poisons one gradient so the scaler's own inf check (on the device, which
-        also backs off the scale) skips the step. Other optimizers need a host read of ``ok``.
-        """
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        fused = optimizer.defaults.get("fused")
-        if scaler.is_enabled() and params:
-            params[0].grad.mul_(torch.where(ok, 1.0, float("nan")).to(params[0].grad.dtype))
-        if clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        if scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-        elif fused:
-            optimizer.found_inf = (~ok).float()  # the attribute GradScaler sets for fused optimizers
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.found_inf
-        elif bool(ok):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def _sync_due(self) -> bool:
         """Steps after which the loop reads the device: logs, validation, samples, checkpoints and the end."""

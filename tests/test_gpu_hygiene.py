@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_GPT, TINY_VQ, invoke, last_line
 from core.checkpoint import load_checkpoint
-from core.loop import TrainLoop
+from core.loop import TrainLoop, step_optimizer
 from core.runtime import Runtime
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
@@ -91,7 +91,7 @@ def test_device_skip_leaves_weights_optimizer_and_ema_untouched(precision):
     x = torch.randn(8, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scaler.scale(model(x).pow(2).mean()).backward()
-    loop.step_optimizer(opt, scaler, loop.step_ok(torch.tensor(False)), clip=1.0)
+    step_optimizer(opt, scaler, loop.step_ok(torch.tensor(False)), clip=1.0)
     ema.update(loop._ok)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, before[k]) for k, v in ema.module.state_dict().items())
@@ -105,7 +105,7 @@ def test_device_skip_leaves_weights_optimizer_and_ema_untouched(precision):
         loss = m(x).pow(2).mean()
         if o is None:
             scaler.scale(loss).backward()
-            loop.step_optimizer(opt, scaler, loop.step_ok(torch.tensor(True)))
+            step_optimizer(opt, scaler, loop.step_ok(torch.tensor(True)))
         else:
             loss.backward()
             o.step()
@@ -146,3 +146,36 @@ def test_resume_refuses_a_changed_architecture_in_one_line(tracking_dir, dataset
     resumed = invoke("train-vqvae", "--resume", last_line(first.stdout), "--max-steps", "3", "--ch", "24")
     assert resumed.exit_code == 1 and "Traceback" not in resumed.output
     assert "cannot change --ch when resuming" in resumed.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_and_the_served_tokenizer_take_a_precision(tracking_dir, dataset, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from core.mlflow_models import png_base64
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no LPIPS/Inception weights
+    trained = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "2", "--experiment", "prec")
+    assert trained.exit_code == 0, trained.output
+    run_id = last_line(trained.stdout)
+    used = []
+    autocast = Runtime.autocast
+
+    def recording(self):
+        used.append(self.precision)
+        return autocast(self)
+
+    monkeypatch.setattr(Runtime, "autocast", recording)
+    psnr = {}
+    for precision in ("fp32", "bf16"):
+        res = invoke("evaluate", "--vqvae-run-id", run_id, "--device", "cpu", "--no-fid", "--precision", precision)
+        assert res.exit_code == 0, res.output
+        psnr[precision] = mlflow.MlflowClient().get_run(run_id).data.metrics["eval/psnr"]
+    assert used == ["fp32", "bf16"]
+    assert abs(psnr["bf16"] - psnr["fp32"]) < 1.0 and psnr["bf16"] != psnr["fp32"]  # ran in bf16, still close
+
+    used.clear()
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/tokenizer", model_config={"precision": "bf16"})
+    out = model.predict(pd.DataFrame({"image": [png_base64(Image.new("RGB", (20, 20), "red"))]}))
+    assert len(out) == 1 and used == ["bf16"]

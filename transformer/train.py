@@ -18,7 +18,7 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.health import check_val_loss
 from core.images import grid_image
-from core.loop import TrainLoop, training_session
+from core.loop import TrainLoop, step_optimizer, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, broadcast_from_main, fused_adam
@@ -186,7 +186,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                     tokens += seq[:, 1:].numel()
                 # a non-finite step is skipped on the device; it still counts, validates and checkpoints on schedule
                 ok = loop.step_ok(torch.isfinite(loss_sum))
-                loop.step_optimizer(opt, scaler, ok, clip=cfg.grad_clip)
+                step_optimizer(opt, scaler, ok, clip=cfg.grad_clip)
                 ema.update(ok)
                 finite = loop.end_step(tokens)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, read_manifest
+from core.data import ImageDataset, read_manifest, resolve_workers
 from core.errors import UserError
-from core.options import Config, build_config, config_options, opt
+from core.options import WORKERS_HELP, Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import (artifact_folder, connect, data_name, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
@@ -33,7 +33,7 @@ class QuantizeConfig(Config):
     vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage (or models:/NAME/VERSION, models:/NAME@ALIAS).")
     manifest: str = opt(None, "CSV manifest to encode (default: the tokenizer's).")
     batch_size: int = opt(64, "Images per batch.", ge=1)
-    num_workers: int = opt(2, "DataLoader worker processes.", ge=0)
+    num_workers: int = opt(None, WORKERS_HELP, ge=0)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
     precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
@@ -51,12 +51,12 @@ def encode_images(tok: Tokenizer, paths: list[str], batch_size: int, num_workers
                   desc: str) -> np.ndarray:
     """Code grids (N,h,w) int64 for image files, batched, with pinned non-blocking host→device copies."""
     loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=rt.device.type == "cuda")
+                        num_workers=resolve_workers(num_workers), pin_memory=rt.pin_memory())
     out = []
     with torch.inference_mode():
         for x, _ in tqdm(loader, desc=desc, dynamic_ncols=True):
             with rt.autocast():
-                out.append(tok.encode(x.to(rt.device, non_blocking=True)).cpu())
+                out.append(tok.encode(x.to(rt.device, non_blocking=rt.pin_memory())).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, *tok.grid_shape), dtype=np.int64)
 
 

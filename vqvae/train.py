@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_weights
-from core.data import ImageDataset, SeededSampler, default_num_workers, read_manifest
+from core.data import ImageDataset, SeededSampler, read_manifest, resolve_workers
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook
 from core.images import comparison_grid
-from core.loop import TrainLoop, ignore_stop_signals, training_session
+from core.loop import TrainLoop, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, broadcast_from_main, fused_adam
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
@@ -99,14 +99,26 @@ def samples_before(step: int, cfg: VQConfig) -> int:
 
 
 def step_discriminator(disc: torch.nn.Module, opt_d: torch.optim.Optimizer, scaler_d: torch.amp.GradScaler,
-                       rt: Runtime, loop: TrainLoop, ok: torch.Tensor) -> None:
+                       rt: Runtime, ok: torch.Tensor | None = None) -> None:
     """Optimizer step of the discriminator (not DDP-wrapped: it also runs, frozen, in the generator pass).
 
     Its gradients are averaged over ranks before the scaler looks for inf/NaN: a rank whose own gradients are
     finite must still skip a step that another rank's overflow poisons, or the replicas diverge.
     """
     average_gradients(disc, rt)
-    loop.step_optimizer(opt_d, scaler_d, ok)
+    step_optimizer(opt_d, scaler_d, ok)
+
+
+def compile_autoencoder(net: torch.nn.Module, model: VQModel) -> torch.nn.Module:
+    """``torch.compile(net)`` with the decoder's output conv left out of the compiled region.
+
+    The adaptive GAN weight needs two gradients at that conv's weight (`VQGANLoss._gan_balance`). Outside the
+    compiled region they take that conv's weight-gradient alone; inside it, each would run the region's whole
+    compiled backward (one autograd node), twice per step on top of the step's own backward.
+    """
+    conv_out = model.decoder.conv_out
+    conv_out.forward = torch.compiler.disable(conv_out.forward, recursive=False)
+    return torch.compile(net)
 
 
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
@@ -155,15 +167,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         def wrapped(quantizing: bool) -> torch.nn.Module:
             # the warm-up skips the quantizer: only then must DDP look for parameters without gradients
             net = rt.wrap(model, find_unused_parameters=not quantizing)
-            if not cfg.compile:
-                return net
-            # the adaptive weight differentiates the decoder twice (retain_graph), which AOT autograd's
-            # donated buffers forbid
-            torch._functorch.config.donated_buffer = False
-            return torch.compile(net)
+            return compile_autoencoder(net, model) if cfg.compile else net
 
         net = wrapped(step >= cfg.warmup_steps)
-        workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
+        workers = resolve_workers(cfg.num_workers)
         pin = rt.pin_memory()
         sampler = SeededSampler(len(train_df), rt.rank, rt.world_size, cfg.seed, start=samples_before(step, cfg))
         loader = DataLoader(ImageDataset(train_df.image_path.tolist(), cfg.image_size, True, cfg.flip),
@@ -223,9 +230,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     seen += x.shape[0]
                 # a non-finite step is skipped on the device; it still counts, validates and checkpoints on schedule
                 ok = loop.step_ok(finite)
-                loop.step_optimizer(opt_ae, scaler, ok)
+                step_optimizer(opt_ae, scaler, ok)
                 if disc_on:
-                    step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt, loop, ok)
+                    step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt, ok)
                 ema.update(ok)
                 finite = loop.end_step(seen)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):
