@@ -156,6 +156,11 @@ def read_manifest_on_ranks(rt, path: str | Path, val_fraction: float, skip_bad_i
     return full[mask].reset_index(drop=True), int((~mask).sum())
 
 
+def resolve_workers(requested: int | None) -> int:
+    """``--num-workers`` as given, or `default_num_workers` when it was not (every stage that loads images)."""
+    return default_num_workers() if requested is None else requested
+
+
 def default_num_workers() -> int:
     """DataLoader workers when ``--num-workers`` is not given: this process's share of the CPU cores it may use
     (torchrun's ``LOCAL_WORLD_SIZE`` processes share the machine), less one for the training loop, at most 8."""

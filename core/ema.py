@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
 class WeightEMA:
@@ -20,7 +20,7 @@ class WeightEMA:
 
     def __init__(self, model: torch.nn.Module, decay: float, live: tuple[str, ...] = ()) -> None:
         self.model, self.decay, self.live = model, decay, live
-        self.averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.averaged = (AveragedModel(model, use_buffers=False)
                          if decay > 0 else None)
         if self.averaged is not None:
             self.averaged.requires_grad_(False)
@@ -31,14 +31,21 @@ class WeightEMA:
         return self.averaged.module if self.averaged is not None else self.model
 
     @torch.no_grad()
-    def update(self) -> None:
-        """After an optimizer step (fused per-tensor lerps on the device, no host synchronisation)."""
+    def update(self, ok: torch.Tensor | bool = True) -> None:
+        """After an optimizer step: per-tensor lerps on the device, no host synchronisation. ``ok`` (a device
+        bool): whether the step was applied; a skipped step leaves the average as it is."""
         if self.averaged is None:
             return
-        self.averaged.update_parameters(self.model)
+        weight = (1 - self.decay) * torch.as_tensor(ok, device=self.averaged.n_averaged.device).float()
         ema_params = dict(self.averaged.module.named_parameters())
-        for name in self.live:
-            ema_params[name].copy_(self.model.get_parameter(name))
+        # AveragedModel.update_parameters would read n_averaged on the host every step; the copy it makes at the
+        # first update is the construction's deepcopy (or the resumed average) here
+        for name, param in self.model.named_parameters():
+            if name in self.live:
+                ema_params[name].copy_(param)
+            elif param.is_floating_point():
+                ema_params[name].lerp_(param.detach(), weight.to(param.device))
+        self.averaged.n_averaged += weight.gt(0).long()
         for ema_buffer, buffer in zip(self.averaged.module.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
 

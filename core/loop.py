@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from core.checkpoint import CheckpointWriter, load_checkpoint, load_checkpoint_slot, resolve_resume_config
 from core.errors import UserError
-from core.runtime import Runtime, broadcast_from_main, setup_runtime, teardown
+from core.runtime import Runtime, adopt_config, broadcast_from_main, setup_runtime, teardown
 from core.tracking import connect, get_run
 
 
@@ -42,6 +42,7 @@ def training_session(cfg: C, stage: str, resume_run_id: str | None, overrides: d
         cfg, resume_run_id, slot = broadcast_from_main(rt, cfg, resume_run_id, slot)
         if slot is not None and not rt.is_main:
             state = load_checkpoint_slot(resume_run_id, slot)
+        rt = adopt_config(rt, cfg.device, cfg.precision)  # a resumed run keeps its own unless given again
         yield rt, cfg, state, slot
     finally:
         teardown(rt)
@@ -88,6 +89,39 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: torch.Tensor | None = None,
+                   clip: float = 0.0) -> None:
+    """``optimizer.step()`` through ``scaler`` (optionally clipping the gradient norm), skipped on the device
+    where ``ok`` is False, then the gradients dropped.
+
+    A fused optimizer (`fused_adam`) takes the skip as the ``found_inf`` flag that GradScaler also uses, in the
+    same kernel; under fp16 the flag poisons one gradient so the scaler's own inf check (on the device, which
+    also backs off the scale) skips the step. Other optimizers need a host read of ``ok``.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if ok is not None and scaler.is_enabled() and params:
+        grad = params[0].grad
+        grad.mul_(torch.where(ok.to(grad.device), 1.0, float("nan")).to(grad.dtype))
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif ok is None:
+        optimizer.step()
+    elif optimizer.defaults.get("fused"):
+        # the attribute GradScaler sets for fused optimizers: the kernel leaves weights, moments and step count
+        optimizer.found_inf = (~ok).float().to(params[0].device if params else ok.device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class TrainLoop:
     """Counts steps and does what happens between them, identically for every training stage.
 
@@ -105,12 +139,17 @@ class TrainLoop:
         self.bar: tqdm | None = None
         self.interrupt: StepInterrupt | None = None
         self._items, self._t0 = 0, time.perf_counter()
-        self._stop = False  # every rank agreed (in `agree_finite`) that some rank got a signal
+        self._stop = False  # every rank agreed (in `end_step`) that some rank got a signal
+        # device counters of non-finite steps since the last synchronisation point (`step_ok`), and the last flag
+        self._skipped: torch.Tensor | None = None
+        self._first_skipped: torch.Tensor | None = None
+        self._ok: torch.Tensor | None = None
 
     def begin_step(self) -> None:
-        """Between steps: a signal during the previous step stops training here, on every rank at the same step;
-        then every RNG is seeded for this step and rank (`Runtime.seed_step`)."""
-        if self._stop:
+        """Between steps: a signal during the previous step stops training here (one process), or at the next
+        synchronisation point, where the ranks agree on it (`end_step`); then every RNG is seeded for this step and
+        rank (`Runtime.seed_step`)."""
+        if self._stop or (self.interrupt.requested and not self.rt.distributed):
             self.interrupt.at_boundary = True
             raise KeyboardInterrupt
         self.rt.seed_step(self.cfg.seed, self.step)
@@ -119,18 +158,53 @@ class TrainLoop:
         """Whether something scheduled every ``every`` steps (0: only at the end) happens after this step."""
         return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
 
-    def agree_finite(self, finite: bool | torch.Tensor, *optimizers: torch.optim.Optimizer) -> bool:
-        """Apply ``--nan-policy`` to a non-finite loss on any rank (its NaN reaches every rank's gradients).
+    def step_ok(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether this step's loss was finite on every rank, as a device bool: never read here.
 
-        ``finite`` may stay on the device until here: reading it, together with whether any rank got a stop
-        signal, is the step's one host synchronisation.
+        The optimizer steps (`step_optimizer`) and the EMA skip a non-finite step on the device; the loop reads the
+        count of such steps only at its next synchronisation point (`end_step`), where ``--nan-policy`` applies.
         """
-        finite, go_on = self.rt.all_ranks_each(finite, not self.interrupt.requested)
-        self._stop = not go_on
-        if finite:
+        ok = torch.as_tensor(finite, device=self.rt.device).reshape(()).to(torch.int32)
+        if self.rt.distributed:
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # queued: no host wait
+        ok = ok.bool()
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int32, device=self.rt.device)
+            self._first_skipped = torch.full((), -1, dtype=torch.int64, device=self.rt.device)
+        self._first_skipped = torch.where(~ok & (self._skipped == 0), self.step, self._first_skipped)
+        self._skipped += (~ok).to(torch.int32)
+        self._ok = ok
+        return ok
+
+    def _sync_due(self) -> bool:
+        """Steps after which the loop reads the device: logs, validation, samples, checkpoints and the end."""
+        return any(self.due(getattr(self.cfg, k)) for k in ("log_every", "val_every", "ckpt_every", "sample_every")
+                   if hasattr(self.cfg, k))
+
+    def end_step(self, items: int) -> bool:
+        """Count the step; at a synchronisation point also apply ``--nan-policy`` to the steps skipped since the
+        last one and agree on a stop signal across ranks. Returns whether the step just ended was applied (read
+        from the device only at a synchronisation point; True elsewhere: the value is then unused)."""
+        self.step += 1
+        self._items += items
+        self.bar.update(1)
+        if not self._sync_due():
             return True
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        stop = torch.tensor(int(self.interrupt.requested), device=self.rt.device)
+        if self.rt.distributed:
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if self._skipped is None:
+            self._stop = bool(stop.item())
+            return True
+        ok, skipped, first, stop = torch.stack([self._ok.long(), self._skipped.long(), self._first_skipped,
+                                                stop.long()]).tolist()  # the one host read
+        self._stop = bool(stop)
+        self._skipped.zero_()
+        if skipped:
+            self._on_nonfinite(first, skipped)
+        return bool(ok)
+
+    def _on_nonfinite(self, first: int, count: int) -> None:
         if self.cfg.nan_policy == "stop":
             run_id = self.run.info.run_id if self.run else "<run id>"
             if self.writer is not None:
@@ -140,17 +214,12 @@ class TrainLoop:
             kept = (f"the last good checkpoint (step {good}) is kept: resume with --resume {run_id} "
                     "and a lower --lr" if self.writer is None or self.writer.last_slot else
                     "no checkpoint was written yet: start again with a lower --lr")
-            raise UserError(f"loss became NaN/inf at step {self.step}; stopped. {kept}, or use --nan-policy skip")
+            raise UserError(f"loss became NaN/inf at step {first}; stopped. {kept}, or use --nan-policy skip")
         if self.rt.is_main:
             import mlflow
 
-            mlflow.log_metric("train/skipped_nonfinite", 1, step=self.step)
-        return False
-
-    def end_step(self, items: int) -> None:
-        self.step += 1
-        self._items += items
-        self.bar.update(1)
+            # the number of steps skipped since the previous log, at the first of them
+            mlflow.log_metric("train/skipped_nonfinite", count, step=first)
 
     def throughput(self) -> float:
         """Items per second (all ranks) since the last call."""

@@ -40,9 +40,11 @@ def pip_requirements() -> list[str]:
 
 
 def log_pyfunc(name: str, code_file: Path, folders: dict[str, Any], signature: Any, input_example: Any,
-               register: str | None = None) -> Any:
+               register: str | None = None, model_config: dict[str, Any] | None = None) -> Any:
     """Log a model-from-code into the active run (``name`` = its artifact folder) and, with ``register``, add it
-    to the Model Registry. ``folders``: artifact name -> a callable writing that folder's files into a path."""
+    to the Model Registry. ``folders``: artifact name -> a callable writing that folder's files into a path.
+    ``model_config``: load-time settings and their defaults (a loader may override them: ``mlflow.pyfunc.load_model(
+    uri, model_config={...})``)."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
@@ -53,4 +55,4 @@ def log_pyfunc(name: str, code_file: Path, folders: dict[str, Any], signature: A
         return mlflow.pyfunc.log_model(name=name, python_model=str(code_file), artifacts=artifacts,
                                        code_paths=[str(ROOT / p) for p in CODE_PACKAGES], signature=signature,
                                        input_example=input_example, pip_requirements=pip_requirements(),
-                                       registered_model_name=register)
+                                       registered_model_name=register, model_config=model_config)

@@ -23,6 +23,9 @@ from core.errors import UserError
 T = TypeVar("T")
 
 
+WORKERS_HELP = ("DataLoader worker processes (default: the CPU cores of this process, less one, shared by the "
+                "processes on this machine; at most 8).")  # every stage that loads images (`core.data.resolve_workers`)
+
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
            "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 

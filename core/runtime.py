@@ -55,14 +55,9 @@ class Runtime:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
 
-    def all_ranks_each(self, *flags: bool | torch.Tensor) -> list[bool]:
-        """For each flag, True only if it holds on every rank, so that all ranks take the same branch (e.g. skip a
-        step). Flags may be device tensors: one all-reduce and one host read for all of them (the training step's
-        one host synchronisation)."""
-        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).to(torch.int32) for f in flags])
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return [bool(v) for v in t.tolist()]
+    def pin_memory(self) -> bool:
+        """Page-locked batches (and ``non_blocking`` copies, which only overlap from pinned memory) on CUDA."""
+        return self.device.type == "cuda"
 
     def seed_step(self, seed: int, step: int) -> None:
         """Seed every RNG from (seed, step, rank) at the start of a step.
@@ -83,6 +78,25 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    seed_everything(seed)
+    return Runtime(dev, precision, rank, world_size, local_rank)
+
+
+def fused_adam(params: Any, lr: float, betas: tuple[float, float], cls: type = torch.optim.Adam,
+               **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam(W) in the fused kernel (CUDA and CPU): one kernel for all parameters, and it takes the step-skip flag
+    on the device (``found_inf``), so a non-finite step is skipped without a host synchronisation
+    (`TrainLoop.step_optimizer`)."""
+    return cls(params, lr=lr, betas=betas, fused=True, **kwargs)
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``--device`` (auto, cpu, cuda) as the device this process uses (made current, with TF32 and cuDNN
+    autotuning, when it is a GPU)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -91,10 +105,19 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) 
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    seed_everything(seed)
-    return Runtime(dev, precision, rank, world_size, local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed shapes per stage: autotuned conv kernels pay off at once
+    return dev
+
+
+def adopt_config(rt: Runtime, device: str, precision: str) -> Runtime:
+    """The runtime for a config that changed after it was built (a resumed run's saved ``--device`` and
+    ``--precision``, unless given again): the precision is taken as it is; a different device only in a single
+    process (a process group is bound to its device)."""
+    dev = resolve_device(device, rt.local_rank)
+    if dev != rt.device and rt.distributed:
+        raise UserError(f"the resumed run was trained with --device {device}; pass --device {rt.device.type} "
+                        "explicitly to resume it on this device with torchrun")
+    return Runtime(dev, precision, rt.rank, rt.world_size, rt.local_rank)
 
 
 def seed_everything(seed: int) -> None:

@@ -45,7 +45,18 @@ def test_gpt_train_speed_quick():
         assert "official taming-transformers not installed" in out, out
 
 
+def official_installed() -> bool:
+    """Whether the official taming package (benchmarks/requirements.txt) is importable: CI runs without it."""
+    import importlib.util
+    return importlib.util.find_spec("taming") is not None and importlib.util.find_spec("einops") is not None
+
+
 def test_tokenizer_step_speed_quick():
     out = run("tokenizer_step_speed.py")
     for kind in ("autoencoder", "before GAN", "with GAN"):  # the autoencoders alone, and the full official step
-        assert re.search(rf"{kind}\s.*\d+\.\d+x$", out, re.M), out
+        if official_installed():
+            assert re.search(rf"{kind}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", out, re.M), out
+        else:  # our rate, and the official columns skipped with a note saying how to install the package
+            assert re.search(rf"{kind}\s+-\s+\d+\.\d+\s+-$", out, re.M), out
+    if not official_installed():
+        assert "official taming-transformers not installed" in out, out

@@ -181,7 +181,7 @@ def test_vqvae_steps_read_the_device_once(tracking_dir, dataset, monkeypatch):
                  "--ema", "--restart-after", "1", "--grad-accum", "2", "--ema-weights", "0.9")
     assert res.exit_code == 0, res.output
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    assert per_step[1:] == [1] * 3, per_step  # the non-finite check of the step; logs are read when logged
+    assert per_step[1:] == [0] * 3, per_step  # non-finite steps are skipped on the device; read when logged
 
 
 def test_transformer_steps_read_the_device_once(quantize_run, monkeypatch):
@@ -190,7 +190,7 @@ def test_transformer_steps_read_the_device_once(quantize_run, monkeypatch):
                  "--grad-accum", "2")
     assert res.exit_code == 0, res.output
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    assert per_step[1:] == [1] * 3, per_step
+    assert per_step[1:] == [0] * 3, per_step
 
 
 def test_plain_causal_model_trains_and_generates(quantize_run):

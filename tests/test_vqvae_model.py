@@ -93,10 +93,10 @@ def test_upsample_equals_nearest_then_conv(memory_format):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_training_step_matches_the_taming_modules(memory_format):
-    """Forward, loss and every gradient equal those of the official modules (benchmarks/taming_reference.py)
+    """Forward, loss and every gradient equal those of the official modules (tests/taming_reference.py)
     loaded with the same weights, to fp32 rounding: guards the fused qkv, the folded Upsample and the in-place
     activations (the quantizer computes in fp32, so fp32 it is)."""
-    from benchmarks import taming_reference as taming
+    import taming_reference as taming
     from vqvae.convert import to_official
 
     torch.manual_seed(0)
@@ -119,3 +119,27 @@ def test_training_step_matches_the_taming_modules(memory_format):
     scale = max(g.abs().max() for g in grads.values())
     for key, g in grads.items():
         torch.testing.assert_close(g, ref_grads[key].grad, rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+def test_the_test_copy_of_the_taming_modules_equals_the_installed_package():
+    """tests/taming_reference.py against the official package, where it is installed (benchmarks/requirements.txt;
+    not in CI): same parameter names, same outputs."""
+    pytest.importorskip("einops")
+    official = pytest.importorskip("taming.modules.diffusionmodules.model")
+    quantize = pytest.importorskip("taming.modules.vqvae.quantize")
+    import taming_reference as taming
+
+    torch.manual_seed(0)
+    args = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=32)
+    copy = taming.VQModel(*args.values(), 32, 16).eval()
+    dd = dict(args, double_z=False, in_channels=3, out_ch=3, dropout=0.0)
+    ref = torch.nn.ModuleDict({"encoder": official.Encoder(**dd), "decoder": official.Decoder(**dd),
+                               "quantize": quantize.VectorQuantizer2(16, 32, beta=0.25),
+                               "quant_conv": torch.nn.Conv2d(32, 32, 1), "post_quant_conv": torch.nn.Conv2d(32, 32, 1)})
+    ref.load_state_dict(copy.state_dict())  # strict: the same names and shapes
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    quant, diff, _ = ref["quantize"](ref["quant_conv"](ref["encoder"](x)))
+    want = ref["decoder"](ref["post_quant_conv"](quant))
+    got, got_diff = copy(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_diff, diff)

@@ -18,10 +18,10 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.health import check_val_loss
 from core.images import grid_image
-from core.loop import TrainLoop, training_session
+from core.loop import TrainLoop, step_optimizer, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime
+from core.runtime import Runtime, fused_adam
 from core.artifacts import damaged, read_codes, read_table
 from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
@@ -157,13 +157,17 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                          pos_emb=cfg.pos_emb, rel_bias=cfg.rel_bias)
         model = GPT(mcfg).to(rt.device)
         opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))
+        if not opt.defaults.get("fused"):  # the fused kernel skips a non-finite step on the device (no host read)
+            opt = fused_adam([{k: g[k] for k in ("params", "weight_decay")} for g in opt.param_groups], cfg.lr,
+                             (0.9, 0.95), torch.optim.AdamW)
         scaler = rt.grad_scaler()
         ema = WeightEMA(model, cfg.ema_weights)
         step = 0
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
             opt.load_state_dict(state["opt"])
-            scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:  # empty when saved unscaled (fp32/bf16): resumed in fp16, the scaler starts afresh
+                scaler.load_state_dict(state["scaler"])
             ema.load_state_dict(state.get("ema"))
             step = state["step"]
         tokenizer = None
@@ -199,7 +203,9 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 for micro in range(cfg.grad_accum):
                     idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
                     seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
-                                         dropout_rng, flip=True).to(rt.device, non_blocking=True)
+                                         dropout_rng, flip=True)
+                    # pinned, the copy overlaps the previous step's work on CUDA (unpinned, non_blocking would not)
+                    seq = (seq.pin_memory() if rt.pin_memory() else seq).to(rt.device, non_blocking=rt.pin_memory())
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
                     with contextlib.nullcontext() if sync else ddp_model.no_sync():
                         with rt.autocast():
@@ -208,16 +214,11 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                         scaler.scale(loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach() / cfg.grad_accum
                     tokens += seq[:, 1:].numel()
-                finite = loop.agree_finite(torch.isfinite(loss_sum), opt)
-                if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
-                    if cfg.grad_clip > 0:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    ema.update()
-                loop.end_step(tokens)
+                # a non-finite step is skipped on the device; it still counts, validates and checkpoints on schedule
+                ok = loop.step_ok(torch.isfinite(loss_sum))
+                step_optimizer(opt, scaler, ok, clip=cfg.grad_clip)
+                ema.update(ok)
+                finite = loop.end_step(tokens)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):
                     train_loss = loss_sum.item()
                     mlflow.log_metrics({"train/loss": train_loss, "train/bits_per_token": train_loss / math.log(2),

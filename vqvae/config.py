@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.errors import UserError
-from core.options import Config, LoopOptions, opt
+from core.options import WORKERS_HELP, Config, LoopOptions, opt
 
 
 def _vq(cfg: "VQModelConfig") -> bool:
@@ -70,8 +70,7 @@ class VQConfig(LoopOptions, VQModelConfig):
     val_fraction: float = opt(0.1, "Validation share when the manifest has no split column (hash of the path).",
                               ge=0, lt=1)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images (with a count) instead of failing.")
-    num_workers: int = opt(None, "DataLoader worker processes (default: the CPU cores of this process, less one, "
-                                 "shared by the processes on this machine; at most 8).", ge=0)
+    num_workers: int = opt(None, WORKERS_HELP, ge=0)
     flip: bool = opt(True, "Random horizontal flips for training images.")
     init_from: str = opt(None, "Start from the weights of this vqvae run (trained or imported): its architecture, "
                                "fresh optimizers, step 0.")

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, read_manifest
+from core.data import ImageDataset, read_manifest, resolve_workers
 from core.errors import UserError
 from core.images import comparison_grid
-from core.options import Config, build_config, config_options, opt
+from core.options import WORKERS_HELP, Config, build_config, config_options, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, resolve_run_ids, with_tracking_options
 from vqvae.quantize import usage_stats
@@ -49,12 +49,14 @@ class EvalConfig(Config):
     manifest: str = opt(None, "Manifest whose val split to use (default: the tokenizer's, split as in training).")
     max_images: int = opt(None, "Evaluate at most this many val images (default: all).", ge=1)
     batch_size: int = opt(32, "Images per batch.", ge=1)
-    num_workers: int = opt(0, "DataLoader worker processes.", ge=0)
+    num_workers: int = opt(None, WORKERS_HELP, ge=0)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     fid: bool = opt(True, "Compute rFID (needs torch-fidelity and its Inception weights offline; biased upwards "
                           "on few images).")
     worst: int = opt(8, "Images in the worst-PSNR grid eval/worst.png.", ge=1)
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
+    precision: str = opt("fp32", "Autocast precision of the tokenizer's encode and decode (metrics in fp32).",
+                         choices=["fp32", "bf16", "fp16"])
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, cap: float = PSNR_CAP) -> torch.Tensor:
@@ -130,7 +132,7 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
     import mlflow
     from mlflow.entities import Metric, RunTag
 
-    rt = setup_runtime(cfg.device)
+    rt = setup_runtime(cfg.device, cfg.precision)
     connect(tracking_uri, experiment)
     cfg = resolve_run_ids(cfg)
     tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
@@ -148,15 +150,16 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
                                            feature_extractor_weights_path=str(weights)).to(rt.device)
 
     loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+                        num_workers=resolve_workers(cfg.num_workers), pin_memory=rt.pin_memory())
     rows: dict[str, list[torch.Tensor]] = {}
     codes, worst = [], None  # worst: (psnr, originals, reconstructions) of the lowest-PSNR images so far
     t0 = time.perf_counter()
     with torch.inference_mode():
         for x, _ in tqdm(loader, desc="evaluate", dynamic_ncols=True):
-            x = x.to(rt.device, non_blocking=True)
-            idx = tok.encode(x)
-            xrec = tok.decode(idx)
+            x = x.to(rt.device, non_blocking=rt.pin_memory())
+            with rt.autocast():
+                idx = tok.encode(x)
+                xrec = tok.decode(idx).float()
             codes.append(idx.cpu())
             m = per_image_metrics(x, xrec, lpips)
             for k, v in m.items():

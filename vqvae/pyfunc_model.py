@@ -44,18 +44,30 @@ def write_tokenizer_folder(model: VQModel, cfg: VQModelConfig, step: int):
     return lambda folder: save_weights(folder, model.state_dict(), KIND, config, step)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 class TokenizerModel(mlflow.pyfunc.PythonModel):
+    """Served on the GPU when there is one. ``model_config={"precision": "bf16"}`` (`mlflow.pyfunc.load_model`)
+    runs encode and decode under autocast (default fp32)."""
+
     def load_context(self, context) -> None:
+        from core.runtime import Runtime
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = (getattr(context, "model_config", None) or {}).get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"model_config precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.runtime = Runtime(self.device, precision)
         self.model, self.cfg = load_tokenizer_folder(context.artifacts["tokenizer"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         size = self.cfg.image_size  # images of any size are resized to the training resolution
         images = [np.asarray(image_from_base64(b).resize((size, size))) for b in model_input["image"]]
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.runtime.autocast():
             codes = self.model.encode_to_indices(x)
-            rec = self.model.decode_indices(codes).clamp(-1, 1).cpu()
+            rec = self.model.decode_indices(codes).float().clamp(-1, 1).cpu()
         return pd.DataFrame({"codes": [json.dumps(c.tolist()) for c in codes.cpu()],
                              "reconstruction": [png_base64(to_pil(r)) for r in rec]})
 
@@ -66,7 +78,7 @@ def log_tokenizer_model(model: VQModel, cfg: VQModelConfig, step: int, register:
 
     example = pd.DataFrame({"image": [png_base64(Image.new("RGB", (cfg.image_size, cfg.image_size), "gray"))]})
     return log_pyfunc("tokenizer", Path(__file__), {"tokenizer": write_tokenizer_folder(model, cfg, step)},
-                      SIGNATURE, example, register)
+                      SIGNATURE, example, register, model_config={"precision": "fp32"})
 
 
 mlflow.models.set_model(TokenizerModel())

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks
+from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.errors import UserError
-from core.options import Config, build_config, config_options, opt
+from core.options import WORKERS_HELP, Config, build_config, config_options, opt
 from core.runtime import broadcast_from_main, setup_runtime, teardown
 from core.tracking import (connect, data_name, get_run, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
@@ -38,7 +38,7 @@ class QuantizeConfig(Config):
     vqvae_run_id: str = opt(None, "Run ID of the train-vqvae stage (or models:/NAME/VERSION, models:/NAME@ALIAS).")
     manifest: str = opt(None, "CSV manifest to encode (default: the tokenizer's).")
     batch_size: int = opt(64, "Images per batch.", ge=1)
-    num_workers: int = opt(2, "DataLoader worker processes.", ge=0)
+    num_workers: int = opt(None, WORKERS_HELP, ge=0)
     skip_bad_images: bool = opt(False, "Skip missing/unreadable images.")
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
     precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
@@ -122,13 +122,13 @@ def encode_split(tok: Tokenizer, paths: list[str], arrays: list[np.ndarray], sta
     # a rank past the end still takes part in the round's gather: it encodes a stand-in image and sends padding
     batches = [list(rank_rows(lo, n, bs, rt)) or [0] for lo in rounds]
     loader = DataLoader(ImageDataset(paths, tok.cfg.image_size, train=False), batch_sampler=batches,
-                        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+                        num_workers=resolve_workers(cfg.num_workers), pin_memory=rt.pin_memory())
     views = len(arrays)
     encoded = 0
     with torch.inference_mode():
         for lo, (x, _) in tqdm(zip(rounds, loader), total=len(rounds), desc=desc, dynamic_ncols=True,
                                disable=not rt.is_main):
-            x = x.to(rt.device, non_blocking=True)
+            x = x.to(rt.device, non_blocking=rt.pin_memory())
             if views == 2:
                 x = torch.cat([x, x.flip(-1)])
             with rt.autocast():

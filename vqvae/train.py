@@ -11,15 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_weights
-from core.data import (ImageDataset, SeededSampler, data_fingerprint, default_num_workers,
-                       read_manifest_on_ranks)
+from core.data import ImageDataset, SeededSampler, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook
 from core.images import comparison_grid
-from core.loop import TrainLoop, ignore_stop_signals, training_session
+from core.loop import TrainLoop, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, average_gradients
+from core.runtime import Runtime, average_gradients, fused_adam
 from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
@@ -103,16 +102,26 @@ def samples_before(step: int, cfg: VQConfig) -> int:
 
 
 def step_discriminator(disc: torch.nn.Module, opt_d: torch.optim.Optimizer, scaler_d: torch.amp.GradScaler,
-                       rt: Runtime) -> None:
+                       rt: Runtime, ok: torch.Tensor | None = None) -> None:
     """Optimizer step of the discriminator (not DDP-wrapped: it also runs, frozen, in the generator pass).
 
     Its gradients are averaged over ranks before the scaler looks for inf/NaN: a rank whose own gradients are
     finite must still skip a step that another rank's overflow poisons, or the replicas diverge.
     """
     average_gradients(disc, rt)
-    scaler_d.step(opt_d)
-    scaler_d.update()
-    opt_d.zero_grad(set_to_none=True)
+    step_optimizer(opt_d, scaler_d, ok)
+
+
+def compile_autoencoder(net: torch.nn.Module, model: VQModel) -> torch.nn.Module:
+    """``torch.compile(net)`` with the decoder's output conv left out of the compiled region.
+
+    The adaptive GAN weight needs two gradients at that conv's weight (`VQGANLoss._gan_balance`). Outside the
+    compiled region they take that conv's weight-gradient alone; inside it, each would run the region's whole
+    compiled backward (one autograd node), twice per step on top of the step's own backward.
+    """
+    conv_out = model.decoder.conv_out
+    conv_out.forward = torch.compiler.disable(conv_out.forward, recursive=False)
+    return torch.compile(net)
 
 
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
@@ -140,8 +149,8 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         model = VQModel(cfg).to(rt.device)
         model.quantizer.forwards_per_step = cfg.grad_accum  # restarts and usage windows count optimizer steps
         loss_fn = VQGANLoss(cfg).to(rt.device)
-        opt_ae = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        opt_ae = fused_adam(model.parameters(), cfg.lr, (0.5, 0.9))
+        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, (0.5, 0.9))
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         start_from(model, init, cfg, rt.is_main)
         ema = WeightEMA(model, cfg.ema_weights, live=("quantizer.codebook",) if cfg.quantizer == "vq" else ())
@@ -151,24 +160,21 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
             load_weights(loss_fn.discriminator, state["discriminator"], f"discriminator of run {resume_run_id}")
             opt_ae.load_state_dict(state["opt_ae"])
             opt_d.load_state_dict(state["opt_d"])
-            scaler.load_state_dict(state["scaler"])
-            scaler_d.load_state_dict(state["scaler_d"])
+            if state["scaler"]:  # empty when saved unscaled (fp32/bf16): resumed in fp16, the scaler starts afresh
+                scaler.load_state_dict(state["scaler"])
+            if state["scaler_d"]:
+                scaler_d.load_state_dict(state["scaler_d"])
             ema.load_state_dict(state.get("ema"))
             step = state["step"]
 
         def wrapped(quantizing: bool) -> torch.nn.Module:
             # the warm-up skips the quantizer: only then must DDP look for parameters without gradients
             net = rt.wrap(model, find_unused_parameters=not quantizing)
-            if not cfg.compile:
-                return net
-            # the adaptive weight differentiates the decoder twice (retain_graph), which AOT autograd's
-            # donated buffers forbid
-            torch._functorch.config.donated_buffer = False
-            return torch.compile(net)
+            return compile_autoencoder(net, model) if cfg.compile else net
 
         net = wrapped(step >= cfg.warmup_steps)
-        workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
-        pin = rt.device.type == "cuda"
+        workers = resolve_workers(cfg.num_workers)
+        pin = rt.pin_memory()
         sampler = SeededSampler(len(train_df), rt.rank, rt.world_size, cfg.seed, start=samples_before(step, cfg))
         loader = DataLoader(ImageDataset(train_df.image_path.tolist(), cfg.image_size, True, cfg.flip),
                             batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -204,7 +210,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 logs: dict[str, torch.Tensor] = {}
                 finite, seen = torch.ones((), dtype=torch.bool, device=rt.device), 0
                 for micro in range(cfg.grad_accum):
-                    x = next(batches)[0].to(rt.device, non_blocking=True)
+                    x = next(batches)[0].to(rt.device, non_blocking=pin)
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
                     with contextlib.nullcontext() if sync else net.no_sync():
                         with rt.autocast():
@@ -225,15 +231,13 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     for k, v in glogs.items():
                         logs[k] = logs.get(k, 0.0) + v.detach().float() / cfg.grad_accum
                     seen += x.shape[0]
-                finite = loop.agree_finite(finite, opt_ae, opt_d)
-                if finite:  # a skipped step still counts, and still validates/checkpoints on schedule below
-                    scaler.step(opt_ae)
-                    scaler.update()
-                    opt_ae.zero_grad(set_to_none=True)
-                    if disc_on:
-                        step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt)
-                    ema.update()
-                loop.end_step(seen)
+                # a non-finite step is skipped on the device; it still counts, validates and checkpoints on schedule
+                ok = loop.step_ok(finite)
+                step_optimizer(opt_ae, scaler, ok)
+                if disc_on:
+                    step_discriminator(loss_fn.discriminator, opt_d, scaler_d, rt, ok)
+                ema.update(ok)
+                finite = loop.end_step(seen)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):
                     logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host read for all
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}

@@ -1,10 +1,9 @@
-"""A faithful minimal re-implementation of the official taming-transformers autoencoder (not installed here):
+"""A minimal test-only copy of the official taming-transformers autoencoder, op for op:
 taming/modules/diffusionmodules/model.py's Encoder/Decoder (temb_ch=0, double_z=False) and
-taming/modules/vqvae/quantize.py's VectorQuantizer2 (legacy loss), op for op: GroupNorm and swish as separate
-ops, attention as separate q/k/v 1x1 convs with two bmm; plus the training step around it: the BatchNorm
-PatchGAN (taming/modules/discriminator/model.py), VQLPIPSWithDiscriminator
-(taming/modules/losses/vqperceptual.py) and taming/models/vqgan.py's VQModel.training_step as Lightning runs it
-with two optimizers. Used only as the speed baseline of benchmarks/tokenizer_step_speed.py."""
+taming/modules/vqvae/quantize.py's VectorQuantizer2 (legacy loss): GroupNorm and swish as separate ops, attention
+as separate q/k/v 1x1 convs with two bmm. tests/test_vqvae_model.py checks our modules' forward and gradients
+against it in CI, where the official package (benchmarks/requirements.txt) is not installed; the benchmarks time
+the installed package itself (benchmarks/official.py), never this copy."""
 from __future__ import annotations
 
 import torch
@@ -180,84 +179,3 @@ class VQModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quant, diff, _ = self.quantize(self.quant_conv(self.encoder(x)))
         return self.decoder(self.post_quant_conv(quant)), diff
-
-
-class NLayerDiscriminator(nn.Module):
-    """pix2pix PatchGAN with BatchNorm (use_actnorm=False), weights_init as in taming."""
-
-    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3) -> None:
-        super().__init__()
-        seq: list[nn.Module] = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        mult = 1
-        for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
-            seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
-                    nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        seq.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
-        self.main = nn.Sequential(*seq)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
-
-
-class VQLPIPSWithDiscriminator(nn.Module):
-    """The official loss (hinge, disc_factor 1): `perceptual` is an LPIPS module (x, y) -> (B, 1, 1, 1)."""
-
-    def __init__(self, perceptual: nn.Module, disc_start: int, disc_weight: float = 0.8,
-                 codebook_weight: float = 1.0, perceptual_weight: float = 1.0, ndf: int = 64,
-                 n_layers: int = 3) -> None:
-        super().__init__()
-        self.perceptual_loss, self.perceptual_weight = perceptual, perceptual_weight
-        self.discriminator = NLayerDiscriminator(3, ndf, n_layers)
-        self.discriminator_iter_start, self.discriminator_weight = disc_start, disc_weight
-        self.codebook_weight = codebook_weight
-
-    def calculate_adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor,
-                                  last_layer: torch.Tensor) -> torch.Tensor:
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
-
-    def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
-                optimizer_idx: int, global_step: int, last_layer: torch.Tensor) -> torch.Tensor:
-        disc_factor = 1.0 if global_step >= self.discriminator_iter_start else 0.0  # adopt_weight
-        if optimizer_idx == 0:
-            rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
-            if self.perceptual_weight > 0:
-                p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
-                rec_loss = rec_loss + self.perceptual_weight * p_loss
-            nll_loss = torch.mean(rec_loss)
-            g_loss = -torch.mean(self.discriminator(reconstructions.contiguous()))
-            d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
-            return nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
-        logits_real = self.discriminator(inputs.contiguous().detach())
-        logits_fake = self.discriminator(reconstructions.contiguous().detach())
-        return disc_factor * 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
-
-
-def training_step(model: VQModel, loss: VQLPIPSWithDiscriminator, opts: tuple[torch.optim.Optimizer, ...],
-                  x: torch.Tensor, global_step: int) -> None:
-    """One batch as Lightning's automatic optimization runs VQModel.training_step with two optimizers: per
-    optimizer, toggle requires_grad to its parameters, call training_step (which runs the autoencoder again),
-    backward, step, zero_grad. Both passes run whatever the step: before disc_start the GAN terms are x0."""
-    everything = [*model.parameters(), *loss.discriminator.parameters()]
-    for optimizer_idx, opt in enumerate(opts):
-        for p in everything:  # LightningModule.toggle_optimizer
-            p.requires_grad = False
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.requires_grad = True
-        xrec, qloss = model(x)
-        out = loss(qloss, x, xrec, optimizer_idx, global_step, model.decoder.conv_out.weight)
-        out.backward()
-        opt.step()
-        opt.zero_grad()
-    for p in everything:  # untoggle
-        p.requires_grad = True
