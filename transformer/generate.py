@@ -149,14 +149,16 @@ def run_generate(cfg: GenerateConfig, tracking_uri: str | None = None, experimen
     rt = setup_runtime(cfg.device)
     connect(tracking_uri, experiment)
     cfg = resolve_run_ids(cfg)
-    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg)) as run:
-        model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
-        grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
-        labels, names = sample_labels(cfg, vocab)
-        cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
-        vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
-        tokenizer = load_tokenizer(vqvae_run_id, rt.device)
-        context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
+    # the run IDs, labels, options and context image are checked before the run exists: a mistake leaves no run
+    model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
+    grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
+    labels, names = sample_labels(cfg, vocab)
+    cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
+    vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
+    tokenizer = load_tokenizer(vqvae_run_id, rt.device)
+    context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
+    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, upstream_stage="transformer",
+                   name=run_name_parts(cfg)) as run:
         try:
             codes, logprob = generate(model, cfg.num_samples, grid_shape=grid, labels=labels,
                                       cfg_scale=cfg_scale, temperature=cfg.temperature,

@@ -115,7 +115,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     from transformer.pyfunc_model import log_generator_model
     from vqvae.tokenizer import load_tokenizer
 
-    with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, resume_run_id=resume_run_id,
+    with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
+                   resume_run_id=resume_run_id,
                    enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
                                              f"L{cfg.n_layer}")) as run:
         data = CodeData.from_run(cfg.quantize_run_id) if rt.is_main else None

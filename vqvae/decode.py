@@ -71,14 +71,18 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
     connect(tracking_uri, experiment)
     cfg = resolve_run_ids(cfg)
     upstream = cfg.run_id or cfg.vqvae_run_id
-    with stage_run("decode", cfg, upstream_run_id=upstream,
+    # the input is read and checked before the run exists: a mistake leaves no run
+    codes, vqvae_run = source_codes(cfg)
+    tok = load_tokenizer(vqvae_run, rt.device)
+    if len(codes) == 0:
+        raise UserError("there are no code grids to decode")
+    tok.check_indices(codes[: cfg.max_images])
+    # params only where they apply: --split picks among a quantize run's grids; --max-images when it cuts
+    quantized = not cfg.indices and get_run(cfg.run_id).data.tags.get("stage") == "quantize"
+    drop = (() if quantized else ("split",)) + (("max_images",) if cfg.max_images >= len(codes) else ())
+    codes = codes[: cfg.max_images]
+    with stage_run("decode", cfg, upstream_run_id=upstream, drop_params=drop,
                    name=(Path(cfg.indices).stem,) if cfg.indices else ()) as run:
-        codes, vqvae_run = source_codes(cfg)
-        tok = load_tokenizer(vqvae_run, rt.device)
-        codes = codes[: cfg.max_images]
-        if len(codes) == 0:
-            raise UserError("there are no code grids to decode")
-        tok.check_indices(codes)
         images = torch.cat([tok.decode(b).cpu() for b in codes.split(cfg.batch_size)])
         with artifact_folder() as out:
             (out / "images").mkdir()

@@ -22,8 +22,8 @@ from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime
-from core.tracking import (artifact_folder, connect, data_name, log_manifest, resolve_run_ids, run_name_option,
-                           stage_run, with_tracking_options)
+from core.tracking import (artifact_folder, connect, data_name, get_run, log_manifest, resolve_run_ids,
+                           run_name_option, stage_run, with_tracking_options)
 from vqvae.codegrids import CodeGrids
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -90,16 +90,18 @@ def quantize(cfg: QuantizeConfig, tracking_uri: str | None = None, experiment: s
     rt = setup_runtime(cfg.device, cfg.precision)
     connect(tracking_uri, experiment)
     cfg = resolve_run_ids(cfg)
-    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id,
+    # everything checkable is checked before the run exists: the tokenizer run, the manifest and its images
+    get_run(cfg.vqvae_run_id, "vqvae")
+    tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
+    manifest = cfg.manifest or tok.manifest
+    if manifest is None:
+        raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); "
+                        "pass --manifest")
+    if not cfg.manifest and not Path(manifest).is_file():
+        raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
+    df, skipped = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
+    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, upstream_stage="vqvae",
                    data=data_name(cfg.manifest) if cfg.manifest else None) as run:
-        tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
-        manifest = cfg.manifest or tok.manifest
-        if manifest is None:
-            raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); "
-                            "pass --manifest")
-        if not cfg.manifest and not Path(manifest).is_file():
-            raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
-        df, skipped = read_manifest(manifest, tok.val_fraction, cfg.skip_bad_images)
         log_manifest(df, str(manifest), "quantize")
         classes = sorted_classes(df["label"])
         grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)

@@ -118,14 +118,15 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
     from vqvae.pyfunc_model import log_tokenizer_model
 
     codes = f"K{cfg.codebook_size}" if cfg.quantizer == "vq" else "FSQ" + "x".join(map(str, cfg.fsq_levels))
+    if cfg.manifest is None:
+        raise UserError("--manifest is required: a CSV with an image_path column")
+    # every image is opened and verified once, by rank 0, before the run exists (a bad manifest leaves no run);
+    # the other ranks get the checked list
+    df, skipped = (read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images) if rt.is_main
+                   else (None, 0))
+    df, skipped = broadcast_from_main(rt, df, skipped)
     with stage_run("vqvae", cfg, resume_run_id=resume_run_id, enabled=rt.is_main,
                    name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
-        if cfg.manifest is None:
-            raise UserError("--manifest is required: a CSV with an image_path column")
-        # every image is opened and verified once, by rank 0; the other ranks get the checked list
-        df, skipped = (read_manifest(cfg.manifest, cfg.val_fraction, cfg.skip_bad_images) if rt.is_main
-                       else (None, 0))
-        df, skipped = broadcast_from_main(rt, df, skipped)
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]

@@ -19,10 +19,11 @@ from typing import Any, Callable
 import click
 import yaml
 
+from core.data import read_manifest
 from core.errors import UserError
 from core.options import build_config
 from core.tracking import (NOTE_TAG, code_version, connect, data_name, describe, download, get_run, run_link, run_params,
-                           run_name_option, stage_run, with_tracking_options)
+                           run_name_option, stage_run, with_tracking_options, wrap_command)
 from transformer.config import GPTTrainConfig
 from transformer.generate import GenerateConfig, generate_command, run_generate
 from transformer.train import train_command, train_transformer
@@ -180,6 +181,7 @@ def run_pipeline(settings: Settings, force: bool = False, tracking_uri: str | No
     import mlflow
 
     configs = [stage_config(stage, settings.get(stage.section, {})) for stage in STAGES]  # fail before any work
+    read_manifest(configs[0].manifest, check_files=False)  # a wrong manifest leaves no pipeline run behind
     connect(tracking_uri, experiment)
     version = code_version()
     run_ids: dict[str, str] = {}
@@ -243,6 +245,6 @@ def pipeline_command(manifest: Path | None, config_file: Path | None, set_option
     for item in set_options:
         words += ["--set", item]
     words += ["--force"] if force else []
-    run_ids = run_pipeline(settings, force, tracking_uri, experiment, " ".join(map(shlex.quote, words)),
+    run_ids = run_pipeline(settings, force, tracking_uri, experiment, wrap_command(list(map(shlex.quote, words))),
                            config_file=config_file)
     click.echo(run_ids["decode"])
