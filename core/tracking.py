@@ -389,6 +389,15 @@ def log_manifest(df, source: str, context: str) -> None:
         mlflow.log_input(mlflow.data.from_pandas(df, source=source, name="manifest"), context=context)
 
 
+def log_step_image(image, key: str, step: int) -> None:
+    """An image logged twice: under ``key`` at ``step`` (the run's image slider in Model metrics) and as the
+    artifact ``KEY/step_NNNNNN.png`` (a stable name: the Artifacts tab lists it, Compare matches it across runs)."""
+    import mlflow
+
+    mlflow.log_image(image, key=key, step=step)
+    mlflow.log_image(image, f"{key}/step_{step:06d}.png")
+
+
 @contextlib.contextmanager
 def artifact_folder(run_id: str | None = None, artifact_path: str | None = None) -> Iterator[Path]:
     """A scratch folder whose files become artifacts (of the active run, or ``run_id``) when the block

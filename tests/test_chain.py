@@ -51,6 +51,7 @@ def test_artifacts_of_each_stage(chain):
     assert train_codes.dtype == np.uint16 and train_codes.shape[1:] == (8, 8)
     assert "checkpoints/latest.json" in listing("transformer", "checkpoints")
     assert any("samples" in p for p in listing("transformer", "images"))
+    assert listing("transformer", "samples") == {"samples/step_000001.png", "samples/step_000002.png"}
     history = client.get_metric_history(chain["transformer"], "val/bits_per_token")
     assert [m.step for m in history] == [1, 2]
     assert {"samples/codes.npy", "samples/logprob.npy", "samples/generation.gif"} <= listing("generate", "samples")

@@ -22,7 +22,7 @@ from core.loop import TrainLoop, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, broadcast_from_main
-from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
+from core.tracking import download, get_run, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
@@ -89,15 +89,13 @@ def validation_loss(model: GPT, data: CodeData, rt: Runtime, batch_size: int, ma
 
 def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> None:
     """Decode a few samples (one per class for conditional models) through the upstream tokenizer."""
-    import mlflow
-
     n_classes = data.vocab.num_classes
     labels = torch.arange(8) % n_classes if n_classes else None
     model.eval()
     codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
     model.train()
     captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
-    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), key="samples", step=step)
+    log_step_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), "samples", step)
 
 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,

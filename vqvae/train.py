@@ -19,7 +19,7 @@ from core.images import comparison_grid
 from core.loop import TrainLoop, ignore_stop_signals, training_session
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, broadcast_from_main
-from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
+from core.tracking import data_name, log_manifest, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss
@@ -63,7 +63,7 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
         metrics["val/lpips"] = lp / n
     mlflow.log_metrics(metrics, step=step)
     # Originals over their reconstructions: the comparison people look for in the UI.
-    mlflow.log_image(comparison_grid(*first), key="reconstructions", step=step)
+    log_step_image(comparison_grid(*first), "reconstructions", step)
     return metrics
 
 
@@ -234,8 +234,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 if rt.is_main and finite and loop.due(cfg.log_every):
                     logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host read for all
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
-                    metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
+                    metrics.update({"train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
+                    if step < cfg.lr_warmup_steps + cfg.log_every:  # a constant lr is a param, not a flat chart
+                        metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
                     check_codebook(cfg, loop.step, metrics)
                     loop.bar.set_postfix(loss=f"{metrics.get('train/total_loss', float('nan')):.4f}",
