@@ -154,9 +154,10 @@ def find_finished(stage: Stage, cfg: Any, upstream: str | None, version: str) ->
     for run in mlflow.search_runs(filter_string=" and ".join(query), order_by=["attributes.start_time DESC"],
                                   output_format="list"):
         # A resumed run keeps the params of its first start, which may not describe what it became; a run made
-        # outside a pipeline (no parent) is the user's own, not one of this pipeline's stages.
+        # outside a pipeline (no parent) is the user's own, not one of this pipeline's stages. A param the run
+        # lacks did not apply to its input (same code version: e.g. decode's --split for a generate run).
         if ("resumed" not in run.data.tags and "mlflow.parentRunId" in run.data.tags
-                and all(run.data.params.get(k) == v for k, v in params.items())):
+                and all(run.data.params.get(k, v) == v for k, v in params.items())):
             return run.info.run_id
     return None
 
