@@ -231,3 +231,24 @@ def test_grids_are_upscaled_sharp_and_labelled():
     assert captioned.height > grid_image(images, nrow=4).height  # room for the captions
     pairs = comparison_grid(images, images.flip(0))
     assert pairs.width > grid_image(torch.cat([images, images]), nrow=4).width  # row names on the left
+
+
+def test_readme_download_snippet_works_from_another_folder(pipeline_runs, tracking_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```python\n")[1:] if "download_artifacts" in b).split("```")[0]
+    lines = block.splitlines()
+    snippet = "\n".join(lines[: next(i for i, line in enumerate(lines) if "download_artifacts" in line) + 1])
+    uri = re.search(r'set_tracking_uri\("([^"]+)"\)', snippet).group(1)
+    snippet = snippet.replace(uri, f"sqlite:///{tracking_dir / 'mlflow.db'}").replace(
+        "RUN_ID", repr(pipeline_runs["generate"].info.run_id))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # as in a user's fresh shell
+    proc = subprocess.run([sys.executable, "-c", snippet + "\nprint(path)"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file() and Path(proc.stdout.strip()) == (tmp_path / "grid.png").resolve()
+    assert not (tmp_path / "mlflow.db").exists()  # no stray empty store left behind
