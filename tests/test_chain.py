@@ -168,4 +168,4 @@ def test_bad_input(chain, tmp_path):
            "hold ids 32..32", "codes 0..31")
     failed = mlflow.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("taming").experiment_id], "attributes.status = 'FAILED'")
-    assert len(failed) >= 7  # out-of-range options fail before a run is created
+    assert not failed  # each of these mistakes is caught before a run is created: no FAILED runs
