@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from core.manifest import make_manifest_command
+from core.mlflow_models import register_command
 from transformer.generate import generate_command
 from transformer.train import train_command
 from vqvae.decode import decode_command
@@ -26,7 +27,7 @@ def cli() -> None:
 
 for command in (train_vqvae_command, quantize_command, train_command, generate_command, decode_command,
                 make_manifest_command, evaluate_command, pipeline_command, demo_command, import_vqvae_command,
-                export_vqvae_command):
+                export_vqvae_command, register_command):
     cli.add_command(command)
 
 if __name__ == "__main__":

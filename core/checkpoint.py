@@ -27,7 +27,8 @@ from core.tracking import STORAGE_ERRNOS, download
 
 # Options that may differ when resuming; everything else must match the checkpoint's config.
 RESUMABLE_OVERRIDES = {"max_steps", "device", "precision", "num_workers", "log_every", "val_every", "ckpt_every",
-                       "sample_every", "val_batches", "nan_policy", "skip_bad_images", "ckpt_keep", "compile"}
+                       "sample_every", "val_batches", "nan_policy", "skip_bad_images", "ckpt_keep", "compile",
+                       "system_metrics"}
 
 
 def resolve_resume_config(state: dict, overrides: dict[str, Any], cls: type, run_id: str) -> Any:

@@ -86,6 +86,8 @@ class LoopOptions(Config):
     ema_weights: float = opt(0.0, "Decay of an exponential moving average of the weights, used for validation, "
                                   "samples and the exported model (e.g. 0.999; 0: off).", ge=0, lt=1)
     compile: bool = opt(False, "torch.compile the model (faster steps after a slower first one).")
+    system_metrics: bool = opt(True, "Log MLflow system metrics on the run: CPU, memory, disk, network, and GPU "
+                                     "when nvidia-ml-py (pynvml) is installed.")
 
 
 def _parse_tuple(text: str | tuple, item: type) -> tuple:

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import errno
+import importlib.util
 import os
 import re
 import subprocess
@@ -70,6 +71,9 @@ def take_run_name(default: str) -> str:
     return name or default
 
 
+_EXPERIMENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("experiment_id", default=None)
+
+
 def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMENT, read_only: bool = False) -> None:
     """Point MLflow at ``tracking_uri`` and ``experiment``; a dead server is a one-line error within seconds.
     ``read_only``: only point at the store (torchrun's other ranks, which read runs but never write)."""
@@ -90,6 +94,7 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+        _EXPERIMENT_ID.set(exp.experiment_id)
         for key, value in EXPERIMENT_TAGS.items():  # once: a user's own description or kind is kept
             if key not in exp.tags:
                 mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
@@ -208,7 +213,8 @@ def run_link(run) -> str:
 
 
 def command_line(command: str, cfg: Any) -> str:
-    """The `python cli.py ...` line that makes a run with ``cfg`` (options left at their default omitted)."""
+    """The `python cli.py ...` command that makes a run with ``cfg`` (options left at their default omitted),
+    one option per line (``\\`` continuations): a long command stays readable in the run's description."""
     import shlex
 
     words = ["python", "cli.py", command]
@@ -226,7 +232,17 @@ def command_line(command: str, cfg: Any) -> str:
         else:
             text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             words += [flag, shlex.quote(text)]
-    return " ".join(words)
+    return wrap_command(words)
+
+
+def wrap_command(words: list[str]) -> str:
+    """Shell words as a command with one option (and its value) per line, joined by ``\\`` continuations."""
+    lines: list[list[str]] = [[]]
+    for word in words:
+        if word.startswith("--") and lines[-1]:
+            lines.append([])
+        lines[-1].append(word)
+    return " \\\n    ".join(" ".join(line) for line in lines)
 
 
 def describe(stage: str, data: str | None, upstream: list, command: str | None, extra: str = "") -> str:
@@ -242,15 +258,40 @@ def describe(stage: str, data: str | None, upstream: list, command: str | None, 
     return "\n\n".join(lines)
 
 
+def unique_run_name(name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... if the active experiment already has a run of that name."""
+    import mlflow
+    from mlflow.entities import ViewType
+
+    active = mlflow.active_run()  # a pipeline's stages go to its experiment
+    experiment_id = active.info.experiment_id if active else _EXPERIMENT_ID.get()
+    if experiment_id is None:
+        return name
+    quoted = name.replace("'", "\\'")
+    taken = {r.info.run_name for r in mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string=f"attributes.run_name LIKE '{quoted}%'",
+        output_format="list", run_view_type=ViewType.ALL)}  # deleted runs too: they can be restored
+    n = 2
+    candidate = name
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, resume_run_id: str | None = None,
               enabled: bool = True, name: tuple[str, ...] = (), data: str | None = None,
-              echo: bool = True) -> Iterator[Any]:
+              echo: bool = True, upstream_stage: str | None = None, drop_params: tuple[str, ...] = ()
+              ) -> Iterator[Any]:
     """Open (or resume) the stage's MLflow run; mark it FAILED/KILLED on errors; print its ID last on stdout.
 
     A new run is named ``SECTION-DATA-NAME...`` (or --run-name), nested under the active run (a pipeline's
     parent) if any, tagged with its data name (``data``, else the upstream run's), and described in markdown
-    (what it is, a link to its upstream run, the command that reproduces it). ``cfg`` gives the params.
+    (what it is, a link to its upstream run, the command that reproduces it). ``cfg`` gives the params (less
+    ``drop_params``, options that do not apply to the input at hand). The upstream run is checked (it exists;
+    it is a ``upstream_stage`` run) before the run is created: a mistake leaves no run behind. A name already
+    taken in the experiment gets a ``-2``, ``-3``... suffix. A config with ``system_metrics`` set logs MLflow's
+    system metrics (CPU, memory, GPU when pynvml is installed) while the run is open.
     ``enabled=False`` (non-zero ranks of a distributed job) yields None and never touches MLflow.
     """
     import mlflow
@@ -258,32 +299,36 @@ def stage_run(stage: str, cfg: Any = None, upstream_run_id: str | None = None, r
     if not enabled:
         yield None
         return
+    system_metrics = bool(getattr(cfg, "system_metrics", False))
+    if system_metrics and importlib.util.find_spec("psutil") is None:  # MLflow's monitor needs it
+        system_metrics = False
     if resume_run_id:
         # the run stays in its own experiment, whatever --experiment says (MLflow refuses a mismatch)
         resume_run_id = get_run(resume_run_id, stage).info.run_id
         mlflow.set_experiment(experiment_id=get_run(resume_run_id).info.experiment_id)
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
         mlflow.set_tag("resumed", "true")
         renamed = take_run_name("")
         if renamed:  # --run-name when resuming renames the run
             mlflow.set_tag("mlflow.runName", renamed)
     else:
-        upstream = None
-        if upstream_run_id:
-            with contextlib.suppress(UserError):  # a wrong ID fails inside the run, which is then marked FAILED
-                upstream = get_run(upstream_run_id)
+        upstream = get_run(upstream_run_id, upstream_stage) if upstream_run_id else None  # before the run exists
         data = data or (upstream.data.tags.get("data") if upstream else None)
         tags = {"stage": stage, "code_version": code_version()}
         if data:
             tags["data"] = data
         if upstream_run_id:
-            tags["upstream_run_id"] = upstream.info.run_id if upstream else upstream_run_id
+            tags["upstream_run_id"] = upstream.info.run_id
         command = command_line(STAGE_COMMANDS.get(stage, stage), cfg) if cfg is not None else None
         tags[NOTE_TAG] = describe(stage, data, [upstream] if upstream else [], command)
-        run_name = take_run_name("-".join([STAGE_SECTIONS[stage], *([data] if data else []), *name]))
-        run = mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None)
+        run_name = unique_run_name(take_run_name("-".join([STAGE_SECTIONS[stage], *([data] if data else []),
+                                                           *name])))
+        run = mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None,
+                               log_system_metrics=system_metrics)
         if cfg is not None:
-            mlflow.log_params(run_params(cfg))
+            mlflow.log_params({k: v for k, v in run_params(cfg).items() if k not in drop_params})
+    if getattr(cfg, "system_metrics", False) and not system_metrics:
+        mlflow.set_tag("system_metrics_note", "not logged: psutil is not installed (pip install psutil)")
     run_id = run.info.run_id
     try:
         yield run
@@ -383,6 +428,15 @@ def log_manifest(df, source: str, context: str) -> None:
     with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow warns
         warnings.simplefilter("ignore", UserWarning)
         mlflow.log_input(mlflow.data.from_pandas(df, source=source, name="manifest"), context=context)
+
+
+def log_step_image(image, key: str, step: int) -> None:
+    """An image logged twice: under ``key`` at ``step`` (the run's image slider in Model metrics) and as the
+    artifact ``KEY/step_NNNNNN.png`` (a stable name: the Artifacts tab lists it, Compare matches it across runs)."""
+    import mlflow
+
+    mlflow.log_image(image, key=key, step=step)
+    mlflow.log_image(image, f"{key}/step_{step:06d}.png")
 
 
 @contextlib.contextmanager

@@ -72,12 +72,34 @@ def chain_untouched(chain):
     assert {k: artifact_snapshot(r) for k, r in chain.items()} == before
 
 
-def fails(*args, expect: str, ids: dict[str, str] | None = None) -> str:
-    """Run a command that must fail with one line containing ``expect``; returns that line."""
+def all_runs() -> list:
+    """Runs in the store, every experiment and lifecycle stage included, newest first."""
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=ViewType.ALL, max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+
+
+def run_count() -> int:
+    return len(all_runs())
+
+
+def fails(*args, expect: str, ids: dict[str, str] | None = None, creates_run: bool = False) -> str:
+    """Run a command that must fail with one line containing ``expect``; returns that line. A mistake that can be
+    seen before any work starts must not leave a run behind (``creates_run``: one found only while working)."""
+    before = run_count()
     res = invoke(*[str(a).format(**(ids or {})) for a in args])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output  # not a leaked exception
     line = error_line(res.stderr)
     assert expect in line, line
+    if not creates_run:
+        assert run_count() == before, f"{args[0]}: a run was created for a mistake checkable up front: {line}"
+    else:  # an error after the start: the run it made is marked FAILED, with the error as a tag
+        runs = all_runs()
+        assert len(runs) == before + 1 and runs[0].info.status == "FAILED", [r.info.status for r in runs[:2]]
+        assert runs[0].data.tags["error"] in line
     return line
 
 
@@ -133,6 +155,21 @@ CASES = {
     "decode float grids": (["decode", "--indices", "{d}/floats.npy", "--vqvae-run-id", "{vq}"], "must be integers"),
     "decode a missing indices file": (["decode", "--indices", "{d}/nope.npy", "--vqvae-run-id", "{vq}"],
                                       "indices file not found"),
+    # wrong run IDs, wrong-stage run IDs and option combinations for every stage: none may leave a run behind
+    "train on an unknown run": (["train", "--quantize-run-id", "0123456789abcdef0123456789abcdef", *TINY_GPT],
+                                "not found"),
+    "generate from an unknown run": (["generate", "--transformer-run-id", "0123456789abcdef0123456789abcdef"],
+                                     "not found"),
+    "decode an unknown run": (["decode", "--run-id", "0123456789abcdef0123456789abcdef"], "not found"),
+    "decode indices with a tokenizer of another stage": (["decode", "--indices", "{d}/out_of_range.npy",
+                                                          "--vqvae-run-id", "{q}"], "but a vqvae run is needed"),
+    "decode indices without a tokenizer": (["decode", "--indices", "{d}/out_of_range.npy"],
+                                           "--indices needs --vqvae-run-id"),
+    "codebook init with FSQ": (["train-vqvae", "--manifest", "{d}/manifest.csv", *VQ_ONE_STEP, "--quantizer", "fsq",
+                                "--codebook-init", "kmeans"], "--codebook-init applies to --quantizer vq only"),
+    "quantize with a missing image": (["quantize", "--vqvae-run-id", "{vq}", "--manifest", "{d}/absolute.csv"],
+                                      "gone.png (missing)"),
+    "pipeline on a missing manifest": (["pipeline", "--manifest", "{d}/nope.csv"], "manifest not found"),
     "make-manifest of a missing folder": (["make-manifest", "{d}/nope", "--out", "{d}/m.csv"],
                                           "image folder not found"),
 }
@@ -174,10 +211,10 @@ def test_out_of_memory_gives_batch_size_advice(chain, dataset, monkeypatch):
 
     monkeypatch.setattr(VQModel, "forward", gpu_oom)
     fails("train-vqvae", "--manifest", dataset, *VQ_ONE_STEP, "--batch-size", "32",
-          expect="out of memory at --batch-size 32; lower --batch-size or use --grad-accum")
+          expect="out of memory at --batch-size 32; lower --batch-size or use --grad-accum", creates_run=True)
     monkeypatch.setattr(GPT, "forward", cpu_oom)
     fails("train", "--quantize-run-id", chain["q"], *TINY_GPT, "--batch-size", "32",
-          expect="out of memory at --batch-size 32; lower --batch-size or use --grad-accum")
+          expect="out of memory at --batch-size 32; lower --batch-size or use --grad-accum", creates_run=True)
 
 
 def test_full_disk_while_logging_artifacts(chain, dataset, monkeypatch):
@@ -187,10 +224,11 @@ def test_full_disk_while_logging_artifacts(chain, dataset, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), local_file)
 
     monkeypatch.setattr(LocalArtifactRepository, "log_artifact", disk_full)
-    line = fails("train-vqvae", "--manifest", dataset, *VQ_ONE_STEP, expect="No space left on device")
+    line = fails("train-vqvae", "--manifest", dataset, *VQ_ONE_STEP, expect="No space left on device", creates_run=True)
     assert "ckpt_a.pt" in line and "free disk space" in line
     monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", disk_full)
-    fails("quantize", "--vqvae-run-id", chain["vq"], "--num-workers", "0", expect="No space left on device")
+    fails("quantize", "--vqvae-run-id", chain["vq"], "--num-workers", "0", expect="No space left on device",
+          creates_run=True)
 
 
 def test_read_only_output_folder(files, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ STAGE_TAGS = ["vqvae", "quantize", "transformer", "generate", "decode"]
 
 def test_quick_demo_runs_every_stage_and_fetches_the_grid(tracking_dir, tmp_path):
     out = tmp_path / "demo"
-    res = invoke("demo", "--quick", "--out", out, "--experiment", "demo-inprocess")
+    res = invoke("demo", "--quick", "--out", out, "--experiment", "demo-inprocess", "--register", "demo-q")
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
     stages = [line.split() for line in lines[:5]]
@@ -45,6 +45,10 @@ def test_quick_demo_runs_every_stage_and_fetches_the_grid(tracking_dir, tmp_path
     parent = client.get_run(lines[5].split()[1])  # `pipeline RUN_ID`
     assert parent.info.run_name == "pipeline-digits-demo-quick" and parent.data.tags["stage"] == "pipeline"
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    # --register PREFIX: the tokenizer and the generator in the Model Registry, from the runs just made
+    for name, run_id in (("demo-q-tokenizer", run_ids[0]), ("demo-q-generator", run_ids[2])):
+        assert [v.run_id for v in client.search_model_versions(f"name = '{name}'")] == [run_id]
+        assert f"registered models:/{name}/1" in res.stderr
 
 
 def test_quick_demo_from_the_shell_prints_the_decode_run_id_last(tracking_dir, tmp_path):

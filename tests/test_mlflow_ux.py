@@ -59,7 +59,26 @@ def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs
         note = run.data.tags["mlflow.note.content"]
         assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id})" in note, note
         assert re.search(rf"python cli.py {'train' if section == 'train' else section} ", note), note
-    assert "python cli.py train-vqvae --manifest" in pipeline_runs["vqvae"].data.tags["mlflow.note.content"]
+    note = pipeline_runs["vqvae"].data.tags["mlflow.note.content"]
+    assert "python cli.py train-vqvae \\\n    --manifest" in note
+    command = note.split("```bash\n")[1].split("\n```")[0].splitlines()  # one option per line, continued
+    assert len(command) > 5 and all(line.endswith(" \\") for line in command[:-1]), command
+    assert all(re.fullmatch(r"    --[\w-]+( \S+)?( \\)?", line) for line in command[1:]), command
+
+
+def test_pipeline_run_carries_the_headline_params_and_metrics_of_its_stages(pipeline_runs):
+    parent, vq, train = (pipeline_runs[s].data for s in ("pipeline", "vqvae", "train"))
+    assert parent.params["data"] == vq.tags["data"]
+    assert {k: parent.params[k] for k in ("vqvae.image_size", "vqvae.codebook_size", "vqvae.max_steps",
+                                          "train.n_layer", "train.n_embd", "train.max_steps")} == \
+        {"vqvae.image_size": "16", "vqvae.codebook_size": "32", "vqvae.max_steps": "2", "train.n_layer": "1",
+         "train.n_embd": "16", "train.max_steps": "2"}
+    assert parent.params["train.num_params"] == train.params["num_params"]
+    assert "vqvae.fsq_levels" not in parent.params  # a VQ tokenizer: only the params its run has
+    assert parent.metrics == {
+        "tokenizer/val_psnr": vq.metrics["val/psnr"], "tokenizer/val_codebook_usage": vq.metrics["val/codebook_usage"],
+        "transformer/val_loss": train.metrics["val/loss"],
+        "generate/mean_logprob_per_token": pipeline_runs["generate"].data.metrics["generate/mean_logprob_per_token"]}
 
 
 def test_generate_run_holds_a_readable_sample_grid(pipeline_runs, tmp_path):
@@ -84,6 +103,9 @@ def test_params_apply_to_the_chosen_options(pipeline_runs):
     for section in SECTIONS:
         params = pipeline_runs[section].data.params
         assert "" not in params.values() and not RUN_ID_PARAMS & set(params), (section, params)
+    # decoding a generate run's 4 samples: no quantize split, no limit that cuts nothing
+    assert not {"split", "max_images"} & set(pipeline_runs["decode"].data.params)
+    assert pipeline_runs["decode"].data.params["nrow"] == "2"
 
 
 def test_training_runs_log_models_from_code_without_pickles(pipeline_runs, tmp_path):
@@ -91,11 +113,15 @@ def test_training_runs_log_models_from_code_without_pickles(pipeline_runs, tmp_p
 
     from core.mlflow_models import image_from_base64
 
-    for section, name in (("vqvae", "tokenizer"), ("train", "generator")):
+    for section, name, val in (("vqvae", "tokenizer", "val/psnr"), ("train", "generator", "val/loss")):
         run_id = pipeline_runs[section].info.run_id
         models = mlflow.search_logged_models(experiment_ids=[pipeline_runs[section].info.experiment_id],
                                              filter_string=f"source_run_id = '{run_id}'", output_format="list")
         assert [m.name for m in models] == [name]
+        # the model carries its weights' validation metrics (the last step's), each once
+        carried = [(m.key, m.value, m.step) for m in models[0].metrics]
+        assert (val, pipeline_runs[section].data.metrics[val], 2) in carried, carried
+        assert len(carried) == len(set(carried)) and "data/train_images" not in {k for k, _, _ in carried}
         local = mlflow.artifacts.download_artifacts(models[0].model_uri, dst_path=str(tmp_path / name))
         files = {p.name for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
         assert "weights.safetensors" in files and "config.json" in files
@@ -115,12 +141,13 @@ def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
     versions = client.search_model_versions("name = 'ux-tok'")
     assert [v.run_id for v in versions] == [vq]
     client.set_registered_model_alias("ux-tok", "prod", versions[0].version)
-    for ref in ("models:/ux-tok@prod", f"models:/ux-tok/{versions[0].version}"):
+    for ref, name in (("models:/ux-tok@prod", "q-by-alias"), (f"models:/ux-tok/{versions[0].version}",
+                                                               "q-by-alias-2")):  # names stay unique
         res = invoke("quantize", "--vqvae-run-id", ref, "--num-workers", "0", "--run-name", "q-by-alias",
                      "--experiment", "ux-registry")
         assert res.exit_code == 0, res.output
         run = client.get_run(last_line(res.stdout))
-        assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == "q-by-alias"
+        assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == name
         assert f"/runs/{vq})" in run.data.tags["mlflow.note.content"]
     # --resume and --init-from take model references too
     res = invoke("train-vqvae", "--resume", "models:/ux-tok@prod", "--max-steps", "3")
@@ -129,6 +156,59 @@ def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
                  "--experiment", "ux-registry")
     assert res.exit_code == 0, res.output
     assert client.get_run(last_line(res.stdout)).data.tags["init_from"] == vq
+
+
+def test_register_a_finished_run_without_training_again(pipeline_runs, tmp_path):
+    import pandas as pd
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    client = mlflow.MlflowClient()
+    vq, train = pipeline_runs["vqvae"].info.run_id, pipeline_runs["train"].info.run_id
+    res = invoke("register", "--run-id", vq, "--name", "ux-reg-tok", "--alias", "champion")
+    assert res.exit_code == 0, res.output
+    assert last_line(res.stdout) == "models:/ux-reg-tok/1"
+    assert client.get_model_version_by_alias("ux-reg-tok", "champion").run_id == vq
+    res = invoke("register", "--run-id", vq, "--name", "ux-reg-tok")  # once is enough: the same version
+    assert res.exit_code == 0 and last_line(res.stdout) == "models:/ux-reg-tok/1", res.output
+    assert len(client.search_model_versions("name = 'ux-reg-tok'")) == 1
+    res = invoke("register", "--run-id", train, "--name", "ux-reg-gen", "--alias", "prod")
+    assert res.exit_code == 0 and last_line(res.stdout) == "models:/ux-reg-gen/1", res.output
+    # served with every default: the empty record {} asks for one image (parsed as the scoring server does)
+    model = mlflow.pyfunc.load_model("models:/ux-reg-gen@prod")
+    request = infer_and_parse_data({"dataframe_records": [{}]}, model.metadata.get_input_schema())
+    out = model.predict(request)
+    assert len(out) == 1 and out.label[0] == "blue" and out.image[0]  # the first class
+    assert len(model.predict(pd.DataFrame([{"num_samples": 2}]))) == 2
+    # mistakes: one line, nothing registered
+    for args, expect in ((["--run-id", pipeline_runs["quantize"].info.run_id], "register takes a tokenizer"),
+                         (["--run-id", "0123456789abcdef0123456789abcdef"], "not found"),
+                         (["--run-id", vq, "--alias", "v2"], "is not a valid alias")):
+        proc = run_cli("register", *args, "--name", "ux-reg-bad")
+        assert proc.returncode == 1 and expect in error_line(proc.stderr), proc.stderr
+    assert not client.search_registered_models("name = 'ux-reg-bad'")
+
+
+def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, dataset):
+    pytest.importorskip("psutil")  # in requirements.txt: MLflow's system metrics need it
+    client = mlflow.MlflowClient()
+    mlflow.set_system_metrics_sampling_interval(0.2)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    try:
+        runs = {}
+        for flag in ("--system-metrics", "--no-system-metrics"):
+            res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "6", "--lr-warmup-steps",
+                         "2", flag, "--experiment", "ux-system")
+            assert res.exit_code == 0, res.output
+            runs[flag] = client.get_run(last_line(res.stdout))
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
+        mlflow.set_system_metrics_samples_before_logging(None)
+    on, off = runs["--system-metrics"].data, runs["--no-system-metrics"].data
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(on.metrics)
+    assert not [k for k in off.metrics if k.startswith("system/")] and off.params["system_metrics"] == "False"
+    # the learning rate is charted while the warm-up schedules it (and the first step at the peak), not after
+    lr = client.get_metric_history(runs["--system-metrics"].info.run_id, "train/lr")
+    assert [(m.step, m.value) for m in lr] == [(1, 1.5e-4), (2, 3e-4), (3, 3e-4)]
 
 
 def test_unknown_model_reference_is_a_one_line_error(tracking_dir):
@@ -151,3 +231,24 @@ def test_grids_are_upscaled_sharp_and_labelled():
     assert captioned.height > grid_image(images, nrow=4).height  # room for the captions
     pairs = comparison_grid(images, images.flip(0))
     assert pairs.width > grid_image(torch.cat([images, images]), nrow=4).width  # row names on the left
+
+
+def test_readme_download_snippet_works_from_another_folder(pipeline_runs, tracking_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```python\n")[1:] if "download_artifacts" in b).split("```")[0]
+    lines = block.splitlines()
+    snippet = "\n".join(lines[: next(i for i, line in enumerate(lines) if "download_artifacts" in line) + 1])
+    uri = re.search(r'set_tracking_uri\("([^"]+)"\)', snippet).group(1)
+    snippet = snippet.replace(uri, f"sqlite:///{tracking_dir / 'mlflow.db'}").replace(
+        "RUN_ID", repr(pipeline_runs["generate"].info.run_id))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # as in a user's fresh shell
+    proc = subprocess.run([sys.executable, "-c", snippet + "\nprint(path)"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file() and Path(proc.stdout.strip()) == (tmp_path / "grid.png").resolve()
+    assert not (tmp_path / "mlflow.db").exists()  # no stray empty store left behind

@@ -203,19 +203,20 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
 
     connect(tracking_uri, experiment, read_only=not rt.is_main)
     cfg = resolve_run_ids(cfg)
-    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, name=run_name_parts(cfg),
-                   enabled=rt.is_main) as run:
-        model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
-        model.to(PRECISIONS[cfg.precision])
-        grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
-        labels, names = sample_labels(cfg, vocab)
-        cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
-        vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
-        tokenizer = load_tokenizer(vqvae_run_id, rt.device)
-        context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
-        if not rt.is_main:
-            sample_into(model, None, None, cfg, rt, grid, labels, context, cfg_scale)
-            return ""
+    # the run IDs, labels, options and context image are checked before the run exists: a mistake leaves no run
+    model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
+    model.to(PRECISIONS[cfg.precision])
+    grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
+    labels, names = sample_labels(cfg, vocab)
+    cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
+    vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
+    tokenizer = load_tokenizer(vqvae_run_id, rt.device)
+    context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
+    if not rt.is_main:
+        sample_into(model, None, None, cfg, rt, grid, labels, context, cfg_scale)
+        return ""
+    with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, upstream_stage="transformer",
+                   name=run_name_parts(cfg)) as run:
         with artifact_folder() as out:
             (out / "samples").mkdir()
             # written batch by batch into memory maps: 50,000 samples never sit in memory

@@ -3,7 +3,7 @@
 
 MLflow runs this file to load the model (`set_model` below). Artifacts: ``generator`` (the GPT's weights-only
 folder plus ``vocab.json``) and ``tokenizer`` (the tokenizer's weights-only folder). Request, one row per
-request (every column optional)::
+request (every column optional; an empty record ``{}`` asks for one image with every default)::
 
     {"dataframe_records": [{"label": "7", "num_samples": 4, "seed": 0, "temperature": 1.0, "top_k": 0,
                             "top_p": 1.0, "cfg_scale": 2.0}]}
@@ -63,7 +63,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         labels, images = [], []
-        for row in model_input.to_dict("records"):
+        # An empty record ({"dataframe_records": [{}]}) means every option at its default: one image. MLflow's
+        # schema check turns a frame without columns into one without rows, so no rows is that request.
+        for row in model_input.to_dict("records") or [{}]:
             opts = {k: row[k] if k in row and pd.notna(row[k]) else default for k, (_, default) in OPTIONS.items()}
             for label, image in self._sample(**opts):
                 labels.append(label)
@@ -95,7 +97,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
 def log_generator_model(gpt: GPT, vocab: Vocab, tokenizer, step: int, register: str | None = None):
     """Log the trained transformer with its tokenizer as the run's MLflow model ``generator`` (registered as
-    ``register`` if given). ``tokenizer``: a `vqvae.tokenizer.Tokenizer`."""
+    ``register`` if given) at training step ``step``: the model carries the run's metrics of that step.
+    ``tokenizer``: a `vqvae.tokenizer.Tokenizer`."""
     def write_generator(folder: Path) -> None:
         save_weights(folder, gpt.state_dict(), KIND, dataclasses.asdict(gpt.config), step)
         (folder / VOCAB_FILE).write_text(vocab.to_json())
@@ -106,7 +109,7 @@ def log_generator_model(gpt: GPT, vocab: Vocab, tokenizer, step: int, register: 
     return log_pyfunc("generator", Path(__file__),
                       {"generator": write_generator,
                        "tokenizer": write_tokenizer_folder(tokenizer.model, tokenizer.cfg, 0)},
-                      SIGNATURE, pd.DataFrame([example]), register)
+                      SIGNATURE, pd.DataFrame([example]), register, step)
 
 
 mlflow.models.set_model(GeneratorModel())

@@ -23,7 +23,7 @@ from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, fused_adam
 from core.artifacts import damaged, read_codes, read_table
-from core.tracking import download, get_run, run_name_option, stage_run, with_tracking_options
+from core.tracking import download, get_run, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
@@ -120,15 +120,13 @@ def validation_loss(model: GPT, data: CodeData, rt: Runtime, batch_size: int, ma
 
 def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> None:
     """Decode a few samples (one per class for conditional models) through the upstream tokenizer."""
-    import mlflow
-
     n_classes = data.vocab.num_classes
     labels = torch.arange(8) % n_classes if n_classes else None
     model.eval()
     codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
     model.train()
     captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
-    mlflow.log_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), key="samples", step=step)
+    log_step_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), "samples", step)
 
 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
@@ -146,7 +144,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     from transformer.pyfunc_model import log_generator_model
     from vqvae.tokenizer import load_tokenizer
 
-    with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, resume_run_id=resume_run_id,
+    with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
+                   resume_run_id=resume_run_id,
                    enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
                                              f"L{cfg.n_layer}")) as run:
         data = CodeData.from_run(cfg.quantize_run_id)  # on every rank: memory maps, nothing sent between ranks

@@ -69,20 +69,25 @@ def decode(cfg: DecodeConfig, tracking_uri: str | None = None, experiment: str |
     connect(tracking_uri, experiment)
     cfg = resolve_run_ids(cfg)
     upstream = cfg.run_id or cfg.vqvae_run_id
-    with stage_run("decode", cfg, upstream_run_id=upstream,
+    # the input is read and checked before the run exists: a mistake leaves no run
+    codes, vqvae_run = source_codes(cfg)
+    tok = load_tokenizer(vqvae_run, rt.device)
+    if len(codes) == 0:
+        raise UserError("there are no code grids to decode")
+    for lo in range(0, min(len(codes), cfg.max_images), 4096):  # read a chunk at a time: the file is memory-mapped
+        tok.check_indices(torch.from_numpy(np.asarray(codes[lo:min(lo + 4096, cfg.max_images)], dtype=np.int64)))
+    # params only where they apply: --split picks among a quantize run's grids; --max-images when it cuts
+    quantized = not cfg.indices and get_run(cfg.run_id).data.tags.get("stage") == "quantize"
+    drop = (() if quantized else ("split",)) + (("max_images",) if cfg.max_images >= len(codes) else ())
+    codes = codes[: cfg.max_images]
+    with stage_run("decode", cfg, upstream_run_id=upstream, drop_params=drop,
                    name=(Path(cfg.indices).stem,) if cfg.indices else ()) as run:
-        codes, vqvae_run = source_codes(cfg)
-        tok = load_tokenizer(vqvae_run, rt.device)
-        codes = codes[: cfg.max_images]
-        if len(codes) == 0:
-            raise UserError("there are no code grids to decode")
         preview = []
         with artifact_folder() as out:
             (out / "images").mkdir()
             # batch by batch: PNGs written as they are decoded, only the grid's first images kept in memory
             for lo in range(0, len(codes), cfg.batch_size):
                 batch = torch.from_numpy(np.asarray(codes[lo:lo + cfg.batch_size], dtype=np.int64))
-                tok.check_indices(batch)
                 images = tok.decode(batch.to(rt.device)).cpu()
                 for i, img in enumerate(images, lo):
                     to_pil(img).save(out / "images" / f"{i:0{max(4, len(str(len(codes) - 1)))}d}.png")

@@ -73,12 +73,13 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
 
 
 def log_tokenizer_model(model: VQModel, cfg: VQModelConfig, step: int, register: str | None = None):
-    """Log the trained tokenizer as the run's MLflow model ``tokenizer`` (registered as ``register`` if given)."""
+    """Log the trained tokenizer as the run's MLflow model ``tokenizer`` (registered as ``register`` if given)
+    at training step ``step``: the model carries the run's metrics of that step."""
     from PIL import Image
 
     example = pd.DataFrame({"image": [png_base64(Image.new("RGB", (cfg.image_size, cfg.image_size), "gray"))]})
     return log_pyfunc("tokenizer", Path(__file__), {"tokenizer": write_tokenizer_folder(model, cfg, step)},
-                      SIGNATURE, example, register, model_config={"precision": "fp32"})
+                      SIGNATURE, example, register, model_config={"precision": "fp32"}, step=step)
 
 
 mlflow.models.set_model(TokenizerModel())

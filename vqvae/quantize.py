@@ -180,16 +180,19 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                                       num_workers=cfg.num_workers)
         cfg = resolve_run_ids(cfg)
     (cfg, progress) = broadcast_from_main(rt, cfg, progress)  # a config and row counts: small
-    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, resume_run_id=resume_run_id,
-                   enabled=rt.is_main, data=data_name(cfg.manifest) if cfg.manifest else None) as run:
-        tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
-        manifest = cfg.manifest or tok.manifest
-        if manifest is None:
-            raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); "
-                            "pass --manifest")
-        if not cfg.manifest and not Path(manifest).is_file():
-            raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
-        df, skipped = read_manifest_on_ranks(rt, manifest, tok.val_fraction, cfg.skip_bad_images, cfg.verify)
+    # everything checkable is checked before the run exists: the tokenizer run, the manifest and its images
+    get_run(cfg.vqvae_run_id, "vqvae")
+    tok = load_tokenizer(cfg.vqvae_run_id, rt.device)
+    manifest = cfg.manifest or tok.manifest
+    if manifest is None:
+        raise UserError(f"tokenizer run {cfg.vqvae_run_id} was not trained on a manifest (imported); "
+                        "pass --manifest")
+    if not cfg.manifest and not Path(manifest).is_file():
+        raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
+    df, skipped = read_manifest_on_ranks(rt, manifest, tok.val_fraction, cfg.skip_bad_images, cfg.verify)
+    with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, upstream_stage="vqvae",
+                   resume_run_id=resume_run_id, enabled=rt.is_main,
+                   data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         classes = sorted_classes(df["label"])
         grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
         df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]

@@ -19,7 +19,7 @@ from core.images import comparison_grid
 from core.loop import TrainLoop, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, fused_adam
-from core.tracking import data_name, log_manifest, run_name_option, stage_run, with_tracking_options
+from core.tracking import data_name, log_manifest, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss, fetch_vgg16
@@ -63,7 +63,7 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
         metrics["val/lpips"] = lp / n
     mlflow.log_metrics(metrics, step=step)
     # Originals over their reconstructions: the comparison people look for in the UI.
-    mlflow.log_image(comparison_grid(*first), key="reconstructions", step=step)
+    log_step_image(comparison_grid(*first), "reconstructions", step)
     return metrics
 
 
@@ -131,13 +131,13 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
     from vqvae.pyfunc_model import log_tokenizer_model
 
     codes = f"K{cfg.codebook_size}" if cfg.quantizer == "vq" else "FSQ" + "x".join(map(str, cfg.fsq_levels))
+    if cfg.manifest is None:
+        raise UserError("--manifest is required: a CSV with an image_path column")
+    # every image is opened and verified once, by rank 0 (and cached per manifest content), before the run exists
+    # (a bad manifest leaves no run); the other ranks read the manifest themselves and drop the rows rank 0 found bad
+    df, skipped = read_manifest_on_ranks(rt, cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
     with stage_run("vqvae", cfg, resume_run_id=resume_run_id, enabled=rt.is_main,
                    name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
-        if cfg.manifest is None:
-            raise UserError("--manifest is required: a CSV with an image_path column")
-        # every image is opened and verified once, by rank 0 (and cached per manifest content); the other ranks
-        # read the manifest themselves and drop the rows rank 0 found bad
-        df, skipped = read_manifest_on_ranks(rt, cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
@@ -241,8 +241,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                 if rt.is_main and finite and loop.due(cfg.log_every):
                     logs = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one host read for all
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
-                    metrics.update({"train/lr": lr, "train/codebook_usage": model.quantizer.usage(),
+                    metrics.update({"train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
+                    if step < cfg.lr_warmup_steps + cfg.log_every:  # a constant lr is a param, not a flat chart
+                        metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
                     check_codebook(cfg, loop.step, metrics)
                     loop.bar.set_postfix(loss=f"{metrics.get('train/total_loss', float('nan')):.4f}",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from core.tracking import download, run_name_option, with_tracking_options
-from workflows.pipeline import run_pipeline
+from workflows.pipeline import register_models, register_option, run_pipeline
 
 IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (bicubic); benchmarks/demo_quality.py undoes it with a 4x4 box
 SAMPLES_PER_DIGIT = 4
@@ -90,9 +90,11 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 @click.option("--quick", is_flag=True, help="Tiny models on 300 of the 1797 digits: the same path in under a "
                                             "minute, with unrecognisable samples (for tests).")
 @click.option("--force", is_flag=True, help="Re-run every stage even where an identical finished run exists.")
+@register_option
 @run_name_option
 @with_tracking_options
-def demo_command(out: Path, quick: bool, force: bool, tracking_uri: str | None, experiment: str) -> None:
+def demo_command(out: Path, quick: bool, force: bool, register_prefix: str | None, tracking_uri: str | None,
+                 experiment: str) -> None:
     """Train and sample the whole pipeline on built-in handwritten digits (prints the decode run ID last)."""
     import mlflow
 
@@ -105,6 +107,8 @@ def demo_command(out: Path, quick: bool, force: bool, tracking_uri: str | None, 
     settings["vqvae"] = {**settings["vqvae"], "manifest": str(manifest)}
     command = "python cli.py demo" + " --quick" * quick + f" --out {shlex.quote(str(out.resolve()))}"
     run_ids = run_pipeline(settings, force, tracking_uri, experiment, command, ("demo-quick",) if quick else ("demo",))
+    if register_prefix:
+        register_models(run_ids, register_prefix)
     grid = download(run_ids["pipeline"], "grid.png", out)
     click.echo(f"samples: {grid.resolve()} ({SAMPLES_PER_DIGIT} per digit, digits 0-9 left to right)")
     click.echo(f"browse:  {ui_command(mlflow.get_tracking_uri())}")

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import click
 import yaml
 
-from core.data import data_fingerprint
+from core.data import data_fingerprint, read_manifest
 from core.errors import UserError
 from core.options import build_config
 from core.tracking import (NOTE_TAG, code_version, connect, data_name, describe, download, get_run, run_link, run_params,
-                           run_name_option, stage_run, with_tracking_options)
+                           run_name_option, stage_run, with_tracking_options, wrap_command)
 from transformer.config import GPTTrainConfig
 from transformer.generate import GenerateConfig, generate_command, run_generate
 from transformer.train import train_command, train_transformer
@@ -157,10 +157,34 @@ def find_finished(stage: Stage, cfg: Any, upstream: str | None, version: str) ->
         params.pop("manifest", None)
     for run in mlflow.search_runs(filter_string=" and ".join(query), order_by=["attributes.start_time DESC"],
                                   output_format="list"):
-        # A resumed run keeps the params of its first start, which may not describe what it became.
-        if "resumed" not in run.data.tags and all(run.data.params.get(k) == v for k, v in params.items()):
+        # A resumed run keeps the params of its first start, which may not describe what it became; a run made
+        # outside a pipeline (no parent) is the user's own, not one of this pipeline's stages. A param the run
+        # lacks did not apply to its input (same code version: e.g. decode's --split for a generate run).
+        if ("resumed" not in run.data.tags and "mlflow.parentRunId" in run.data.tags
+                and all(run.data.params.get(k, v) == v for k, v in params.items())):
             return run.info.run_id
     return None
+
+
+# What a pipeline row shows in the runs table: its stages' key params and results, as "section.key"
+HEADLINE_PARAMS = {"vqvae": ("image_size", "quantizer", "codebook_size", "fsq_levels", "max_steps"),
+                   "train": ("n_layer", "n_head", "n_embd", "window_size", "num_params", "max_steps"),
+                   "generate": ("num_samples", "cfg_scale", "top_k")}
+HEADLINE_METRICS = {("vqvae", "val/psnr"): "tokenizer/val_psnr",  # (section, its run's metric): the pipeline's
+                    ("vqvae", "val/codebook_usage"): "tokenizer/val_codebook_usage",
+                    ("train", "val/loss"): "transformer/val_loss",
+                    ("generate", "generate/mean_logprob_per_token"): "generate/mean_logprob_per_token"}
+
+
+def headline(run_ids: dict[str, str]) -> tuple[dict[str, str], dict[str, float]]:
+    """The stage runs' headline params (``section.name``, with the data name) and final metrics."""
+    runs = {section: get_run(run_ids[section]) for section in HEADLINE_PARAMS}
+    params = {"data": runs["vqvae"].data.tags.get("data", "")}
+    params.update({f"{section}.{key}": runs[section].data.params[key] for section, keys in HEADLINE_PARAMS.items()
+                   for key in keys if key in runs[section].data.params})
+    metrics = {name: runs[section].data.metrics[key] for (section, key), name in HEADLINE_METRICS.items()
+               if key in runs[section].data.metrics}
+    return {k: v for k, v in params.items() if v != ""}, metrics
 
 
 def run_stage(stage: Stage, cfg: Any, tracking_uri: str | None, experiment: str | None) -> str:
@@ -185,6 +209,7 @@ def run_pipeline(settings: Settings, force: bool = False, tracking_uri: str | No
     import mlflow
 
     configs = [stage_config(stage, settings.get(stage.section, {})) for stage in STAGES]  # fail before any work
+    read_manifest(configs[0].manifest, check_files=False)  # a wrong manifest leaves no pipeline run behind
     connect(tracking_uri, experiment)
     version = code_version()
     run_ids: dict[str, str] = {}
@@ -209,10 +234,31 @@ def run_pipeline(settings: Settings, force: bool = False, tracking_uri: str | No
             actions[stage.section] = action
             mlflow.set_tag(f"run_id.{stage.section}", run_id)
         mlflow.log_artifact(str(download(run_ids["generate"], "grid.png")))  # the samples, captioned
+        params, metrics = headline(run_ids)
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
         mlflow.set_tag(NOTE_TAG, pipeline_description(run_ids, actions, command))
     run_ids["pipeline"] = parent.info.run_id
     click.echo(f"pipeline  {parent.info.run_id}")
     return run_ids
+
+
+def register_models(run_ids: dict[str, str], prefix: str) -> dict[str, str]:
+    """Register the pipeline's tokenizer and generator as ``PREFIX-tokenizer`` and ``PREFIX-generator`` (a reused
+    run that is already registered keeps its version); returns their ``models:/NAME/VERSION`` URIs."""
+    from core.mlflow_models import STAGE_MODELS, register_run_model
+
+    uris = {}
+    for section, stage in (("vqvae", "vqvae"), ("train", "transformer")):
+        name = f"{prefix}-{STAGE_MODELS[stage]}"
+        uris[name] = f"models:/{name}/{register_run_model(run_ids[section], name).version}"
+        click.echo(f"registered {uris[name]}", err=True)
+    return uris
+
+
+register_option = click.option(
+    "--register", "register_prefix", default=None, metavar="PREFIX",
+    help="Register the trained models as PREFIX-tokenizer and PREFIX-generator in the Model Registry.")
 
 
 def pipeline_description(run_ids: dict[str, str], actions: dict[str, str], command: str | None) -> str:
@@ -234,10 +280,11 @@ def pipeline_description(run_ids: dict[str, str], actions: dict[str, str], comma
 @click.option("--set", "set_options", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Override one option, e.g. --set train.max-steps=2000 (repeatable).")
 @click.option("--force", is_flag=True, help="Re-run every stage even where an identical finished run exists.")
+@register_option
 @run_name_option
 @with_tracking_options
 def pipeline_command(manifest: Path | None, config_file: Path | None, set_options: tuple[str, ...], force: bool,
-                     tracking_uri: str | None, experiment: str) -> None:
+                     register_prefix: str | None, tracking_uri: str | None, experiment: str) -> None:
     """Run every stage on your data, reusing identical finished ones (prints the decode run ID last)."""
     settings = merge(read_config_file(config_file) if config_file else {}, parse_set_options(set_options),
                      {"vqvae": {"manifest": str(manifest)}} if manifest else {})
@@ -248,6 +295,8 @@ def pipeline_command(manifest: Path | None, config_file: Path | None, set_option
     for item in set_options:
         words += ["--set", item]
     words += ["--force"] if force else []
-    run_ids = run_pipeline(settings, force, tracking_uri, experiment, " ".join(map(shlex.quote, words)),
+    run_ids = run_pipeline(settings, force, tracking_uri, experiment, wrap_command(list(map(shlex.quote, words))),
                            config_file=config_file)
+    if register_prefix:
+        register_models(run_ids, register_prefix)
     click.echo(run_ids["decode"])
