@@ -61,8 +61,8 @@ def log_pyfunc(name: str, code_file: Path, folders: dict[str, Any], signature: A
         return mlflow.pyfunc.log_model(name=name, python_model=str(code_file), artifacts=artifacts,
                                        code_paths=[str(ROOT / p) for p in CODE_PACKAGES], signature=signature,
                                        input_example=input_example, pip_requirements=pip_requirements(),
-                                       registered_model_name=register, model_config=model_config,
-                                       step=step)
+                                       registered_model_name=register, step=step,
+                                       **({"model_config": model_config} if model_config else {}))
 
 
 # The MLflow model each training stage logs (its name, and the run's `stage` tag)

@@ -118,15 +118,15 @@ def test_train_memory_maps_codes_and_samples_flipped_grids(vqvae_run):
     data = CodeData.from_run(run_id)
     assert isinstance(data.codes["train"], np.memmap) and isinstance(data.flipped, np.memmap)
     assert data.codes["train"].dtype == np.uint16
-    idx = torch.arange(len(data.codes["train"]))
-    plain = data.sequences("train", idx, generator=torch.Generator().manual_seed(0))
-    mixed = data.sequences("train", idx, generator=torch.Generator().manual_seed(0), flip=True)
+    idx = np.arange(len(data.codes["train"]))
+    plain = data.sequences("train", idx, rng=np.random.default_rng(0))
+    mixed = data.sequences("train", idx, rng=np.random.default_rng(0), flip=True)
     flipped = torch.from_numpy(data.flipped.astype(np.int64)).flatten(1)
     from_flip = (mixed[:, 1:] == flipped).all(1) & ~(plain[:, 1:] == flipped).all(1)
     from_plain = (mixed[:, 1:] == plain[:, 1:]).all(1)
     assert bool((from_flip | from_plain).all()) and 0 < int(from_flip.sum()) < len(idx)
     assert torch.equal(mixed[:, 0], plain[:, 0])  # the class prefix is the image's either way
-    assert torch.equal(data.sequences("val", torch.arange(2), flip=True), data.sequences("val", torch.arange(2)))
+    assert torch.equal(data.sequences("val", np.arange(2), flip=True), data.sequences("val", np.arange(2)))
 
 
 def test_images_are_verified_once_per_manifest_content(tmp_path, monkeypatch, tracking_dir):

@@ -109,7 +109,7 @@ def log_generator_model(gpt: GPT, vocab: Vocab, tokenizer, step: int, register: 
     return log_pyfunc("generator", Path(__file__),
                       {"generator": write_generator,
                        "tokenizer": write_tokenizer_folder(tokenizer.model, tokenizer.cfg, 0)},
-                      SIGNATURE, pd.DataFrame([example]), register, step)
+                      SIGNATURE, pd.DataFrame([example]), register, model_config={"precision": "fp32"}, step=step)
 
 
 mlflow.models.set_model(GeneratorModel())

@@ -72,27 +72,27 @@ class CodeData:
                               f"holds {codes['train'].shape}")
         return cls(vocab, codes, labels, flipped)
 
-    def sequences(self, split: str, idx: torch.Tensor, label_dropout: float = 0.0,
-                  generator: torch.Generator | None = None, flip: bool = False) -> torch.Tensor:
-        """Token sequences [prefix, codes...]; the prefix is the class token, or SOS (unconditional / dropped).
-        ``flip``: each training sample is taken from the flipped images' grids with probability 1/2."""
-        rows = idx.numpy()
+    def sequences(self, split: str, rows: np.ndarray, label_dropout: float = 0.0,
+                  rng: np.random.Generator | None = None, flip: bool = False) -> torch.Tensor:
+        """Token sequences [prefix, codes...] of the grids at ``rows``; the prefix is the class token, or SOS
+        (unconditional / dropped). ``flip``: each training sample is taken from the flipped images' grids with
+        probability 1/2. Built on the host from numpy indices: no tensor is read back."""
+        rows = np.asarray(rows, dtype=np.int64)
         grids = np.asarray(self.codes[split][rows], dtype=np.int64)
         if grids.size and grids.max() >= self.vocab.codebook_size:  # checked per batch: the files are never read whole
             raise UserError(f"codes/{split}.npy holds code id {grids.max()}, but vocab.json says "
                             f"{self.vocab.codebook_size} codes: the quantize run is damaged; re-run quantize")
-        codes = torch.from_numpy(grids).flatten(1)
-        labels = torch.from_numpy(self.labels[split][rows].astype(np.int64))
-        prefix = self.vocab.prefix(labels)
-        if label_dropout > 0:
-            drop = torch.rand(len(idx), generator=generator) < label_dropout
-            prefix = torch.where(drop, self.vocab.sos_id, prefix)
+        labels = self.labels[split][rows].astype(np.int64)
+        rng = rng if rng is not None else np.random.default_rng(0)
         if flip and split == "train" and self.flipped is not None:
-            take = (torch.rand(len(idx), generator=generator) < 0.5).numpy()
+            take = rng.random(len(rows)) < 0.5
             if take.any():
-                codes[torch.from_numpy(take)] = torch.from_numpy(
-                    np.asarray(self.flipped[rows[take]], dtype=np.int64)).flatten(1)
-        return torch.cat([prefix[:, None], codes], dim=1)
+                grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
+        prefix = self.vocab.prefix(torch.from_numpy(labels))
+        if label_dropout > 0:
+            drop = torch.from_numpy(rng.random(len(rows)) < label_dropout)
+            prefix = torch.where(drop, self.vocab.sos_id, prefix)
+        return torch.cat([prefix[:, None], torch.from_numpy(grids).flatten(1)], dim=1)
 
 
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
@@ -109,8 +109,8 @@ def validation_loss(model: GPT, data: CodeData, rt: Runtime, batch_size: int, ma
     n = min(len(data.codes[split]), batch_size * max_batches)
     model.eval()
     total = 0.0
-    for idx in torch.arange(n).split(batch_size):
-        seq = data.sequences(split, idx).to(rt.device)
+    for lo in range(0, n, batch_size):
+        seq = data.sequences(split, np.arange(lo, min(lo + batch_size, n))).to(rt.device)
         with rt.autocast():
             logits = model(seq[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten(), reduction="sum").item()
@@ -181,7 +181,6 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
             ddp_model = torch.compile(ddp_model)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
-        dropout_rng = torch.Generator()
 
         def snapshot() -> dict:
             return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": loop.step,
@@ -193,16 +192,16 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step
-                # label dropout depends only on (seed, step, rank), so a resumed run draws exactly the same
-                dropout_rng.manual_seed(hash((cfg.seed, step, rt.rank)))
+                # label dropout and flips depend only on (seed, step, rank): a resumed run draws exactly the same
+                rng = np.random.default_rng([cfg.seed, step, rt.rank])
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 loss_sum, tokens = torch.zeros((), device=rt.device), 0  # on the device until logged
                 for micro in range(cfg.grad_accum):
-                    idx = torch.tensor(list(itertools.islice(sampler, cfg.batch_size)))
-                    seq = data.sequences("train", idx, cfg.label_dropout if vocab.num_classes else 0.0,
-                                         dropout_rng, flip=True)
+                    rows = np.fromiter(itertools.islice(sampler, cfg.batch_size), dtype=np.int64)
+                    seq = data.sequences("train", rows, cfg.label_dropout if vocab.num_classes else 0.0, rng,
+                                         flip=True)
                     # pinned, the copy overlaps the previous step's work on CUDA (unpinned, non_blocking would not)
                     seq = (seq.pin_memory() if rt.pin_memory() else seq).to(rt.device, non_blocking=rt.pin_memory())
                     sync = micro == cfg.grad_accum - 1 or not rt.distributed
