@@ -72,6 +72,99 @@ def photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 
     return out / "manifest.csv"
 
 
+def _save_patches(out: Path, sources: list[np.ndarray], n_train: int, n_val: int, seed: int) -> Path:
+    """Random SIZE² patches of each source image (H, W, 3 uint8); val patches from the right-most fifth of each
+    source, which no training patch overlaps."""
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,split"]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            img = sources[i % len(sources)]
+            h, w = img.shape[:2]
+            cut = int(w * 0.8)
+            x0, x1 = (0, cut - SIZE) if split == "train" else (cut, w - SIZE)
+            x, y = rng.integers(x0, x1 + 1), rng.integers(0, h - SIZE + 1)
+            name = f"img/{split}{i:05d}.png"
+            Image.fromarray(img[y:y + SIZE, x:x + SIZE]).save(out / name)
+            rows.append(f"{name},{split}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
+def _matplotlib_photos() -> list[np.ndarray]:
+    """Real images matplotlib ships: a portrait photograph (Grace Hopper) and a shaded-relief rendering of a
+    digital elevation model (Jacksboro fault), each a different kind of picture from scikit-learn's two."""
+    import matplotlib.cbook as cbook
+    from matplotlib import colormaps
+    from matplotlib.colors import LightSource
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.asarray(Image.open(f).convert("RGB"))
+    dem = cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"]  # get_sample_data loads .npz
+    relief = LightSource(azdeg=315, altdeg=45).shade(dem, cmap=colormaps["gist_earth"], blend_mode="overlay",
+                                                       vert_exag=0.05)
+    return [hopper, (relief[..., :3] * 255).astype(np.uint8)]
+
+
+def heldout_photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
+    """Held-out photo family: patches of matplotlib's sample photograph and shaded relief."""
+    return _save_patches(out, _matplotlib_photos(), n_train, n_val, seed)
+
+
+def textures(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
+    """Procedural textures: sums of random oriented sinusoids and smooth noise in random colours (tuning)."""
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,split"]
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    for i in range(n_train + n_val):
+        split = "train" if i < n_train else "val"
+        field = np.zeros((SIZE, SIZE))
+        for _ in range(rng.integers(1, 4)):
+            theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1, 8), rng.uniform(0, 2 * np.pi)
+            field += np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+        noise = np.asarray(Image.fromarray((rng.random((SIZE // 4,) * 2) * 255).astype(np.uint8))
+                           .resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float64) / 127.5 - 1
+        t = np.tanh(field + rng.uniform(0, 2) * noise)[..., None] * 0.5 + 0.5
+        c0, c1 = rng.integers(0, 256, (2, 3))
+        arr = (c0 * (1 - t) + c1 * t).clip(0, 255).astype(np.uint8)
+        name = f"img/{split}{i:05d}.png"
+        Image.fromarray(arr).save(out / name)
+        rows.append(f"{name},{split}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
+def glyphs(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
+    """Held-out family: rendered characters and short words (PIL's bundled font) at random size, position, angle
+    and colours; val uses characters training never shows (the digits and a-m vs n-z, A-Z)."""
+    from PIL import ImageFont
+
+    rng = np.random.default_rng(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,split"]
+    alphabets = {"train": "abcdefghijklmABCDEFGHIJKLM+&?", "val": "nopqrstuvwxyzNOPQRSTUVWXYZ0123456789"}
+    fonts = {s: ImageFont.load_default(size=s) for s in (10, 14, 18, 24)}
+    for i in range(n_train + n_val):
+        split = "train" if i < n_train else "val"
+        chars = alphabets[split]
+        text = "".join(rng.choice(list(chars), rng.integers(1, 4)))
+        bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        img = Image.new("RGB", (SIZE * 2, SIZE * 2), bg)
+        d = ImageDraw.Draw(img)
+        d.text((rng.integers(0, SIZE), rng.integers(0, SIZE)), text, fill=fg,
+               font=fonts[int(rng.choice(list(fonts)))])
+        img = img.rotate(float(rng.uniform(-30, 30)), fillcolor=bg).crop((SIZE // 2, SIZE // 2, SIZE * 3 // 2,
+                                                                          SIZE * 3 // 2))
+        name = f"img/{split}{i:05d}.png"
+        img.save(out / name)
+        rows.append(f"{name},{split}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
 def draw_shape(kind: str, rng: np.random.Generator) -> Image.Image:
     """One SIZE² image: a filled shape of random size, position and colour on a random plain background."""
     bg = tuple(int(v) for v in rng.integers(0, 256, 3))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from core.errors import UserError
 
 MODEL_DIR = "model"
+LAST_MODEL_DIR = "model-last"  # a trainer that keeps its best-validation weights in MODEL_DIR logs its last ones here
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -44,23 +45,25 @@ def load_weights_folder(folder: str | Path, kind: str) -> tuple[dict[str, torch.
     return state, meta["config"], int(meta.get("step", 0))
 
 
-def log_model_weights(state_dict: dict[str, torch.Tensor], kind: str, config: dict[str, Any], step: int = 0) -> None:
+def log_model_weights(state_dict: dict[str, torch.Tensor], kind: str, config: dict[str, Any], step: int = 0,
+                      artifact_path: str = MODEL_DIR) -> None:
     """Log the weights-only model of the active run as artifacts ``model/weights.safetensors`` + ``model/config.json``
     (what every inference stage loads; the training checkpoint is only for resuming)."""
     from core.tracking import artifact_folder
 
-    with artifact_folder(artifact_path=MODEL_DIR) as folder:
+    with artifact_folder(artifact_path=artifact_path) as folder:
         save_weights(folder, state_dict, kind, config, step)
 
 
-def load_model_weights(run_id: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int] | None:
+def load_model_weights(run_id: str, kind: str, artifact_path: str = MODEL_DIR
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int] | None:
     """(state_dict, config, step) of a run's weights-only model, or None for runs made before runs logged one
     (callers then fall back to the run's training checkpoint)."""
     import mlflow
 
     from core.tracking import download
 
-    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, MODEL_DIR)}
+    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, artifact_path)}
     if WEIGHTS_FILE not in names or CONFIG_FILE not in names:
         return None
-    return load_weights_folder(download(run_id, MODEL_DIR), kind)
+    return load_weights_folder(download(run_id, artifact_path), kind)
