@@ -15,7 +15,7 @@ from vqvae.quantizer import FSQ, VectorQuantizer, build_quantizer
 
 def make_vq(**kw) -> VectorQuantizer:
     """A plain VQ (no default remedies) unless the test asks for them."""
-    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, "code_dim": 0, "l2_norm": False,
+    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, "code_dim": 0, "l2_norm": False, "ema": False,
                                        "restart_after": 0, **kw}))
 
 
