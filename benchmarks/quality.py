@@ -59,17 +59,15 @@ OLD: dict[str, dict] = {
 }
 
 
-def photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
-    """Random SIZE² patches of the two sample photos; val patches from the right-most fifth of each photo."""
-    from sklearn.datasets import load_sample_images
-
+def _save_patches(out: Path, sources: list[np.ndarray], n_train: int, n_val: int, seed: int) -> Path:
+    """Random SIZE² patches of each source image (H, W, 3 uint8); val patches from the right-most fifth of each
+    source, which no training patch overlaps."""
     rng = np.random.default_rng(seed)
     (out / "img").mkdir(parents=True, exist_ok=True)
     rows = ["image_path,split"]
-    photos = load_sample_images().images
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
-            img = photos[i % len(photos)]
+            img = sources[i % len(sources)]
             h, w = img.shape[:2]
             cut = int(w * 0.8)  # train patches end left of the cut, val patches start right of it
             x0, x1 = (0, cut - SIZE) if split == "train" else (cut, w - SIZE)
@@ -81,24 +79,11 @@ def photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 
     return out / "manifest.csv"
 
 
-def _save_patches(out: Path, sources: list[np.ndarray], n_train: int, n_val: int, seed: int) -> Path:
-    """Random SIZE² patches of each source image (H, W, 3 uint8); val patches from the right-most fifth of each
-    source, which no training patch overlaps."""
-    rng = np.random.default_rng(seed)
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    rows = ["image_path,split"]
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            img = sources[i % len(sources)]
-            h, w = img.shape[:2]
-            cut = int(w * 0.8)
-            x0, x1 = (0, cut - SIZE) if split == "train" else (cut, w - SIZE)
-            x, y = rng.integers(x0, x1 + 1), rng.integers(0, h - SIZE + 1)
-            name = f"img/{split}{i:05d}.png"
-            Image.fromarray(img[y:y + SIZE, x:x + SIZE]).save(out / name)
-            rows.append(f"{name},{split}")
-    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return out / "manifest.csv"
+def photo_patches(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
+    """Tuning photo family: patches of scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images
+
+    return _save_patches(out, load_sample_images().images, n_train, n_val, seed)
 
 
 def _matplotlib_photos() -> list[np.ndarray]:
@@ -147,7 +132,7 @@ def textures(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) ->
 
 def glyphs(out: Path, n_train: int = 2048, n_val: int = 256, seed: int = 0) -> Path:
     """Held-out family: rendered characters and short words (PIL's bundled font) at random size, position, angle
-    and colours; val uses characters training never shows (the digits and a-m vs n-z, A-Z)."""
+    and colours; val uses characters training never shows (training: a-m, A-M, +&?; val: n-z, N-Z, 0-9)."""
     from PIL import ImageFont
 
     rng = np.random.default_rng(seed)
