@@ -247,13 +247,13 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for name, kw in {"ema": {"ema": True}, "grad_l2": {"l2_norm": True, "code_dim": 4}}.items():
+        for name, kw in {"ema": {"ema": True}, "grad_l2": {"l2_norm": True, "code_dim": 4, "ema": False}}.items():
             torch.manual_seed(0)  # same initial weights everywhere
             q = VectorQuantizer(VQConfig(codebook_size=32, embed_dim=8, restart_after=2, **kw))
             torch.manual_seed(100 + rank)  # different data per rank
             q.init_codebook(torch.randn(128, 8) * 3 + rank, "kmeans")
-            for _ in range(5):  # concentrated data: most codes idle, so restarts happen
-                q(torch.randn(2, 8, 4, 4) * 0.3 + rank)
+            for _ in range(5):  # concentrated data: most codes idle, so restarts happen (512 tokens a step over
+                q(torch.randn(16, 8, 4, 4) * 0.3 + rank)  # both ranks: the threshold stays 2 steps)
             results[name] = {k: v.detach().clone() for k, v in [("codebook", q.codebook), *q.named_buffers()]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
