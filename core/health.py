@@ -11,8 +11,11 @@ import click
 MIN_USAGE = 0.10  # share of the codebook used over the usage window
 MIN_PERPLEXITY = 0.05  # of the most codes a batch can use: min(codebook size, tokens per batch)
 MAX_VAL_RISE = 0.10  # relative rise of the val loss above its best that counts as diverging
+OVERFIT_RISE = 0.05  # relative rise of the val loss above its best, while the train loss fell, that is overfitting
+STALL_DB = 0.25  # val PSNR gained over the last two validation intervals below which a tokenizer has stalled
 
-_best_val: dict[str, tuple[float, int]] = {}  # run id -> (best val loss, its step)
+_best_val: dict[str, tuple[float, int, float | None]] = {}  # run id -> (best val loss, its step, train loss then)
+_psnr: dict[str, list[tuple[int, float]]] = {}  # run id -> [(step, val PSNR)]
 
 
 def _run_id() -> str | None:
@@ -48,11 +51,12 @@ def codebook_remedies(cfg: Any) -> str:
     return ", ".join(fixes)
 
 
-def check_codebook(cfg: Any, step: int, metrics: dict[str, float]) -> None:
+def check_codebook(cfg: Any, step: int, metrics: dict[str, float], window: int | None = None) -> None:
     """Codebook collapse: usage below 10% or batch perplexity below 5% of what a batch could reach.
 
-    Checked once a full usage window of quantized steps has passed (usage is meaningless before)."""
-    if step - cfg.warmup_steps < cfg.usage_window:
+    Checked once a full usage window (``window`` steps: the quantizer's, scaled with the codebook size; default
+    ``cfg.usage_window``) of quantized steps has passed (usage is meaningless before)."""
+    if step - cfg.warmup_steps < (window or cfg.usage_window):
         return
     usage, perplexity = metrics.get("train/codebook_usage"), metrics.get("train/perplexity")
     k = codebook_size(cfg)
@@ -65,14 +69,50 @@ def check_codebook(cfg: Any, step: int, metrics: dict[str, float]) -> None:
                f"a few codes, and reconstructions stay blurry); retrain with {codebook_remedies(cfg)}")
 
 
-def check_val_loss(cfg: Any, step: int, val_loss: float) -> None:
-    """Validation loss that is not finite or has risen more than 10% above its best so far."""
+def overfit_remedies(cfg: Any) -> str:
+    """Regularisation options for a transformer that overfits, with values above the ones in use."""
+    return (f"--dropout {max(0.1, 2 * cfg.dropout):g}, --weight-decay {max(0.1, 10 * cfg.weight_decay):g}, a smaller "
+            f"model (--n-layer {cfg.n_layer}, --n-embd {cfg.n_embd} now), more images, or fewer --max-steps")
+
+
+def check_val_loss(cfg: Any, step: int, val_loss: float, train_loss: float | None = None) -> None:
+    """Validation loss that is not finite or has risen more than 10% above its best so far (diverging), or more
+    than 5% while the train loss fell below its value at the best validation (overfitting)."""
     run_id = _run_id() or ""
-    best, best_step = _best_val.get(run_id, (math.inf, step))
+    best, best_step, train_then = _best_val.get(run_id, (math.inf, step, None))
     if math.isfinite(val_loss) and val_loss <= best:
-        _best_val[run_id] = (val_loss, step)
+        _best_val[run_id] = (val_loss, step, train_loss)
         return
-    if not math.isfinite(val_loss) or val_loss > best * (1 + MAX_VAL_RISE):
+    falling = train_loss is not None and train_then is not None and train_loss < train_then
+    if falling and val_loss > best * (1 + OVERFIT_RISE):
+        report(f"transformer overfitting at step {step}: val loss {val_loss:.4f} rose from its best {best:.4f} "
+               f"(step {best_step}) while the train loss fell from {train_then:.4f} to {train_loss:.4f}; generate "
+               f"uses the best-validation weights, but a model that generalises needs {overfit_remedies(cfg)}")
+    elif not math.isfinite(val_loss) or val_loss > best * (1 + MAX_VAL_RISE):
         report(f"transformer val loss diverging at step {step}: {val_loss:.4f}, best {best:.4f} at step "
-               f"{best_step}; retrain with a lower --lr (now {cfg.lr:g}), more --dropout or --weight-decay, "
-               f"or fewer --max-steps (overfitting on a small dataset)")
+               f"{best_step}; retrain with a lower --lr (now {cfg.lr:g}), {overfit_remedies(cfg)}")
+
+
+def psnr_remedies(cfg: Any) -> str:
+    """Tokenizer options that raise the PSNR reached, those not in use yet first (measured with
+    benchmarks/quality.py, docs/defaults.md)."""
+    if cfg.quantizer == "fsq":
+        return "more --fsq-levels (a larger implicit codebook), or a wider model (--ch, --z-channels)"
+    fixes = [f for f, on in (("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
+                             ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
+                             ("--restart-after 20", 0 < cfg.restart_after <= 50)) if not on]
+    fixes.append(f"a larger --codebook-size (now {cfg.codebook_size}) or a wider model (--ch {cfg.ch} now)")
+    return ", ".join(fixes)
+
+
+def check_psnr(cfg: Any, step: int, psnr: float) -> None:
+    """Tokenizer whose val PSNR gained less than 0.25 dB over its last two validation intervals (at least 3
+    validations after the warm-up): more steps will not help, other options may."""
+    if step <= cfg.warmup_steps:
+        return
+    history = _psnr.setdefault(_run_id() or "", [])
+    history.append((step, psnr))
+    if len(history) >= 3 and psnr - history[-3][1] < STALL_DB:
+        first = history[-3]
+        report(f"tokenizer PSNR stalled at step {step}: {psnr:.1f} dB, {psnr - first[1]:+.2f} dB since step "
+               f"{first[0]}; retrain with {psnr_remedies(cfg)}")

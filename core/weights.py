@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from core.errors import UserError
 
 MODEL_DIR = "model"
+LAST_MODEL_DIR = "model-last"  # a trainer that keeps its best-validation weights in MODEL_DIR logs its last ones here
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -31,14 +32,14 @@ def save_weights(folder: str | Path, state_dict: dict[str, torch.Tensor], kind: 
     return folder
 
 
-def load_weights_folder(folder: str | Path, kind: str, run_id: str | None = None
+def load_weights_folder(folder: str | Path, kind: str, run_id: str | None = None, artifact_path: str = MODEL_DIR
                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """(state_dict, config, step) of a weights-only model folder (of run ``run_id``, for the messages); a damaged
     file or a wrong kind is a one-line error."""
     from core.artifacts import damaged, read_json, read_safetensors
 
     folder = Path(folder)
-    name = (lambda f: f"{MODEL_DIR}/{f}") if run_id else (lambda f: str(folder / f))
+    name = (lambda f: f"{artifact_path}/{f}") if run_id else (lambda f: str(folder / f))
     meta = read_json(folder / CONFIG_FILE, run_id, name(CONFIG_FILE), ("kind", "config"))
     if meta.get("kind") != kind:
         raise UserError(f"the model in {folder} is a {meta.get('kind')!r} model, but a {kind!r} model is needed")
@@ -48,28 +49,30 @@ def load_weights_folder(folder: str | Path, kind: str, run_id: str | None = None
     return state, meta["config"], int(meta.get("step", 0))
 
 
-def log_model_weights(state_dict: dict[str, torch.Tensor], kind: str, config: dict[str, Any], step: int = 0) -> None:
+def log_model_weights(state_dict: dict[str, torch.Tensor], kind: str, config: dict[str, Any], step: int = 0,
+                      artifact_path: str = MODEL_DIR) -> None:
     """Log the weights-only model of the active run as artifacts ``model/weights.safetensors`` + ``model/config.json``
     (what every inference stage loads; the training checkpoint is only for resuming)."""
     from core.tracking import artifact_folder
 
-    with artifact_folder(artifact_path=MODEL_DIR) as folder:
+    with artifact_folder(artifact_path=artifact_path) as folder:
         save_weights(folder, state_dict, kind, config, step)
 
 
-def load_model_weights(run_id: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int] | None:
+def load_model_weights(run_id: str, kind: str, artifact_path: str = MODEL_DIR
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int] | None:
     """(state_dict, config, step) of a run's weights-only model, or None for runs made before runs logged one
     (callers then fall back to the run's training checkpoint)."""
     import mlflow
 
     from core.tracking import download
 
-    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, MODEL_DIR)}
+    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, artifact_path)}
     if WEIGHTS_FILE not in names and CONFIG_FILE not in names:
         return None
     missing = next((f for f in (WEIGHTS_FILE, CONFIG_FILE) if f not in names), None)
     if missing:
         from core.artifacts import damaged
 
-        raise damaged(run_id, f"{MODEL_DIR}/{missing}", "is missing")
-    return load_weights_folder(download(run_id, MODEL_DIR), kind, run_id)
+        raise damaged(run_id, f"{artifact_path}/{missing}", "is missing")
+    return load_weights_folder(download(run_id, artifact_path), kind, run_id, artifact_path)

@@ -60,3 +60,43 @@ def test_tokenizer_step_speed_quick():
             assert re.search(rf"{kind}\s+-\s+\d+\.\d+\s+-$", out, re.M), out
     if not official_installed():
         assert "official taming-transformers not installed" in out, out
+
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    """quality.py end to end on one tokenizer family and one class-conditional family, 2 steps a stage: both
+    columns, every figure, and the JSON it writes."""
+    import json
+
+    out = tmp_path / "quality.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--steps", "2", "--seeds", "1",
+                          "--family", "glyphs", "--family", "heldout-shapes", "--per-class", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "glyphs (held-out, tokenizer; 1 seed(s))" in res.stdout and "heldout-shapes (held-out" in res.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["glyphs"]["new"][0]) == {"psnr", "usage", "perplexity", "minutes"}
+    assert {"accuracy", "real", "val_loss", "psnr", "usage"} <= set(figures["heldout-shapes"]["old"][0])
+    assert figures["heldout-shapes"]["new"][0]["real"] > 0.9  # the classifier reads real held-out shapes
+
+
+def test_quality_families_differ_and_hold_out_what_they_say(tmp_path):
+    """Every family is its own kind of image; glyph validation uses characters training never shows, and patch
+    validation comes from strips no training patch overlaps (checked through the manifests' splits)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    import quality
+
+    means = {}
+    for name, make in (("photos", quality.photo_patches), ("heldout", quality.heldout_photo_patches),
+                       ("textures", quality.textures), ("glyphs", quality.glyphs)):
+        manifest = make(tmp_path / name, 16, 4)
+        df = pd.read_csv(manifest)
+        assert (df.split == "train").sum() == 16 and (df.split == "val").sum() == 4
+        imgs = np.stack([np.asarray(Image.open(manifest.parent / p)) for p in df.image_path])
+        assert imgs.shape[1:] == (quality.SIZE, quality.SIZE, 3) and imgs.std() > 5
+        means[name] = imgs.reshape(len(imgs), -1).mean(0)
+    assert len({round(float(m.mean()), 3) for m in means.values()}) == 4

@@ -15,7 +15,7 @@ from vqvae.quantizer import FSQ, VectorQuantizer, build_quantizer
 
 def make_vq(**kw) -> VectorQuantizer:
     """A plain VQ (no default remedies) unless the test asks for them."""
-    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, "code_dim": 0, "l2_norm": False,
+    return VectorQuantizer(VQConfig(**{"codebook_size": 16, "embed_dim": 4, "code_dim": 0, "l2_norm": False, "ema": False,
                                        "restart_after": 0, **kw}))
 
 
@@ -128,11 +128,11 @@ def test_usage_window_and_step_counter():
         q.codebook.copy_(torch.tensor([[0.0], [10.0], [20.0], [30.0]]))
     assert q.usage() == 0.0
     for value, expected in [(0.0, 0.25), (10.0, 0.5), (20.0, 0.5)]:  # window 2: the last two codes count
-        q(torch.full((1, 1, 2, 2), value))
+        q(torch.full((1, 1, 8, 8), value))  # 64 tokens a step: enough that the window is not scaled up
         assert q.usage() == expected
     assert q.step.item() == 3
     q.eval()
-    q(torch.full((1, 1, 2, 2), 30.0))  # eval forwards are not training steps
+    q(torch.full((1, 1, 8, 8), 30.0))  # eval forwards are not training steps
     assert q.step.item() == 3 and q.usage() == 0.5
 
 
@@ -142,14 +142,37 @@ def test_dead_code_restart_revives_codes():
     with torch.no_grad():
         q.codebook.copy_(torch.randn(16, 4) + 100.0)  # every code far from the data...
         q.codebook[0] = 0.0  # ...except one
-    for _ in range(2):
-        q(torch.randn(4, 4, 4, 4))
+    for _ in range(2):  # 256 tokens a step for 16 codes: thresholds are not scaled up
+        q(torch.randn(16, 4, 4, 4))
     assert q.usage() == 1 / 16
     for _ in range(3):
-        q(torch.randn(4, 4, 4, 4))
+        q(torch.randn(16, 4, 4, 4))
     assert q.usage() > 0.5
     assert q.codebook.abs().max() < 50  # the far codes were replaced by encoder outputs
     assert (q.last_reset == 2).sum() == 15  # restarted once, at step 2, and not again while in use
+
+
+def test_restart_threshold_and_usage_window_scale_with_codebook_and_tokens():
+    """A large codebook seen through few tokens a step: its rare codes are not dead, and usage counts them."""
+    from vqvae.quantizer import RARE_FACTOR, scaled_steps
+
+    assert scaled_steps(20, 256, 16 * 8 * 8) == 20  # the defaults: the option as given
+    assert scaled_steps(20, 16384, 16 * 8 * 8) == RARE_FACTOR * 16  # 16384 codes, 1024 tokens: 16 steps a use
+    assert scaled_steps(100, 16384, 4 * 16 * 16 * 16) == 100  # enough tokens: the option again
+    assert scaled_steps(20, 16384, 32) == RARE_FACTOR * 512
+    torch.manual_seed(0)
+    for tokens, restarts in ((16, False), (4096, True)):  # per step, 256 codes
+        q = make_vq(codebook_size=256, embed_dim=4, restart_after=2, usage_window=3)
+        for _ in range(4):
+            q(torch.randn(tokens // 16, 4, 4, 4))
+        assert q.tokens_per_step == tokens
+        assert bool((q.last_reset > 0).any()) == restarts  # 16 tokens: 256 idle steps before a code is dead
+        assert q.window_steps == (RARE_FACTOR * 256 // 16 if not restarts else 3)
+    # gradient accumulation: the tokens of every micro-batch of the step count
+    q = make_vq(codebook_size=256, embed_dim=4, restart_after=2)
+    q.forwards_per_step = 4
+    q(torch.randn(1, 4, 4, 4))
+    assert q.tokens_per_step == 64
 
 
 def _sse(x: torch.Tensor, codes: torch.Tensor) -> float:
@@ -224,13 +247,13 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for name, kw in {"ema": {"ema": True}, "grad_l2": {"l2_norm": True, "code_dim": 4}}.items():
+        for name, kw in {"ema": {"ema": True}, "grad_l2": {"l2_norm": True, "code_dim": 4, "ema": False}}.items():
             torch.manual_seed(0)  # same initial weights everywhere
             q = VectorQuantizer(VQConfig(codebook_size=32, embed_dim=8, restart_after=2, **kw))
             torch.manual_seed(100 + rank)  # different data per rank
             q.init_codebook(torch.randn(128, 8) * 3 + rank, "kmeans")
-            for _ in range(5):  # concentrated data: most codes idle, so restarts happen
-                q(torch.randn(2, 8, 4, 4) * 0.3 + rank)
+            for _ in range(5):  # concentrated data: most codes idle, so restarts happen (512 tokens a step over
+                q(torch.randn(16, 8, 4, 4) * 0.3 + rank)  # both ranks: the threshold stays 2 steps)
             results[name] = {k: v.detach().clone() for k, v in [("codebook", q.codebook), *q.named_buffers()]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -101,7 +101,7 @@ def test_training_step_matches_the_taming_modules(memory_format):
 
     torch.manual_seed(0)
     cfg = VQConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-                   embed_dim=32, codebook_size=16, code_dim=0, l2_norm=False, restart_after=0)
+                   embed_dim=32, codebook_size=16, code_dim=0, l2_norm=False, ema=False, restart_after=0)
     ours = VQModel(cfg).train()
     ref = taming.VQModel(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_resolutions, cfg.image_size,
                          cfg.z_channels, cfg.embed_dim, cfg.codebook_size).train()

@@ -25,7 +25,7 @@ from core.options import Config, build_config, config_options, opt
 from core.runtime import setup_runtime, teardown
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
-from core.weights import load_model_weights
+from core.weights import LAST_MODEL_DIR, MODEL_DIR, load_model_weights
 from transformer.model import GPT, GPTConfig
 from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, PRECISIONS, generate, guidance_scale
 from transformer.vocab import Vocab
@@ -47,6 +47,8 @@ class GenerateConfig(Config):
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass.", gt=0, le=1)
     seed: int = opt(0, "Random seed: the same seed and --batch-size give the same samples, with any number of "
                        "torchrun processes (each batch is seeded from the seed and its first sample's number).", ge=0)
+    weights: str = opt("best", "The transformer's weights: those of its lowest validation loss, or its last ones.",
+                       choices=["best", "last"])
     best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.", ge=1)
     context_image: str = opt(None, "Complete this image: its top rows are kept, the rest is sampled.")
     context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.", gt=0, lt=1,
@@ -76,10 +78,14 @@ def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, 
     return h, w
 
 
-def load_transformer(run_id: str, device: torch.device) -> tuple[GPT, Vocab]:
-    """Rebuild a trained GPT from its run and the vocabulary of the quantize run it was trained on."""
+def load_transformer(run_id: str, device: torch.device, which: str = "best") -> tuple[GPT, Vocab]:
+    """Rebuild a trained GPT from its run and the vocabulary of the quantize run it was trained on.
+
+    ``which``: "best" (model/, the best-validation weights) or "last" (model-last/; runs that logged only
+    model/ kept their last weights there)."""
     get_run(run_id, "transformer")
-    weights = load_model_weights(run_id, "transformer")  # None for older runs: then their checkpoint
+    weights = load_model_weights(run_id, "transformer", LAST_MODEL_DIR) if which == "last" else None
+    weights = weights or load_model_weights(run_id, "transformer", MODEL_DIR)  # None for older runs: the checkpoint
     if weights is not None:
         weights_state, mcfg, _ = weights
         what = f"transformer model of run {run_id}"
@@ -204,7 +210,7 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
     connect(tracking_uri, experiment, read_only=not rt.is_main)
     cfg = resolve_run_ids(cfg)
     # the run IDs, labels, options and context image are checked before the run exists: a mistake leaves no run
-    model, vocab = load_transformer(cfg.transformer_run_id, rt.device)
+    model, vocab = load_transformer(cfg.transformer_run_id, rt.device, cfg.weights)
     model.to(PRECISIONS[cfg.precision])
     grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
     labels, names = sample_labels(cfg, vocab)

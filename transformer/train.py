@@ -24,7 +24,7 @@ from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, fused_adam
 from core.artifacts import damaged, read_codes, read_table
 from core.tracking import download, get_run, log_step_image, run_name_option, stage_run, with_tracking_options
-from core.weights import log_model_weights
+from core.weights import LAST_MODEL_DIR, log_model_weights
 from transformer.config import GPTTrainConfig
 from transformer.model import GPT, GPTConfig
 from transformer.sample import generate
@@ -161,6 +161,9 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                              (0.9, 0.95), torch.optim.AdamW)
         scaler = rt.grad_scaler()
         ema = WeightEMA(model, cfg.ema_weights)
+        # the weights (EMA ones when on) at the lowest validation loss so far: on a few hundred images the last
+        # ones are often overfit, so these are the run's model, and the last ones are logged beside them
+        best: dict[str, Any] = {"val": math.inf, "step": 0, "model": None}
         step = 0
         if state is not None:
             load_weights(model, state["model"], f"checkpoint of run {resume_run_id}")
@@ -168,6 +171,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
             if state["scaler"]:  # empty when saved unscaled (fp32/bf16): resumed in fp16, the scaler starts afresh
                 scaler.load_state_dict(state["scaler"])
             ema.load_state_dict(state.get("ema"))
+            best = state.get("best") or best  # older checkpoints kept none
             step = state["step"]
         tokenizer = None
         if rt.is_main:
@@ -185,9 +189,10 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         def snapshot() -> dict:
             return {"config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(mcfg), "step": loop.step,
                     "model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict()}
+                    "ema": ema.state_dict(), "best": best}
 
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train")
+        last_train_loss = None
         with loop.running():
             while loop.step < cfg.max_steps:
                 loop.begin_step()
@@ -218,20 +223,31 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                 ema.update(ok)
                 finite = loop.end_step(tokens)  # read from the device only where something below reads it too
                 if rt.is_main and finite and loop.due(cfg.log_every):
-                    train_loss = loss_sum.item()
+                    train_loss = last_train_loss = loss_sum.item()
                     mlflow.log_metrics({"train/loss": train_loss, "train/bits_per_token": train_loss / math.log(2),
                                         "train/lr": lr, "train/tokens_per_sec": loop.throughput()}, step=loop.step)
                     loop.bar.set_postfix(loss=f"{train_loss:.4f}")
                 if rt.is_main and loop.due(cfg.val_every):
                     val = validation_loss(ema.module, data, rt, cfg.batch_size)
                     mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
-                    check_val_loss(cfg, loop.step, val)
+                    check_val_loss(cfg, loop.step, val, train_loss=last_train_loss)
+                    if val < best["val"]:  # a copy on the host: device memory stays one model
+                        best = {"val": val, "step": loop.step,
+                                "model": {k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}}
                 if rt.is_main and loop.due(cfg.sample_every):
                     log_samples(ema.module, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()
         if rt.is_main:
-            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step)
-            log_generator_model(ema.module, vocab, tokenizer, loop.step, register)
+            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step,
+                              artifact_path=LAST_MODEL_DIR)
+            if best["model"] is not None and best["step"] != loop.step:
+                load_weights(ema.module, best["model"], f"best-validation weights of step {best['step']}")
+            mlflow.log_metrics({"val/best_loss": best["val"], "val/best_step": best["step"] or loop.step},
+                               step=loop.step)
+            # model/ and the logged generator: the best-validation weights (generate --weights last: the others)
+            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg),
+                              best["step"] or loop.step)
+            log_generator_model(ema.module, vocab, tokenizer, best["step"] or loop.step, register)
         return run.info.run_id if run else ""
 
 

@@ -10,6 +10,7 @@ the same number of them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,20 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, spherical: bool) -> torch.Tenso
     return centres
 
 
+RARE_FACTOR = 16  # a code counts as dead only when idle this many times its expected gap under uniform usage
+
+
+def scaled_steps(steps: int, codebook_size: int, tokens_per_step: int) -> int:
+    """``steps`` raised to at least RARE_FACTOR x the expected gap between two uses of one code when every code is
+    used equally often (codebook_size / tokens_per_step steps).
+
+    At 256 codes and 1024 tokens a step every code is expected 4 times a step, and 20 idle steps mean dead. At
+    16384 codes the same 1024 tokens use a given code once in 16 steps: a fixed 20-step threshold would restart
+    codes that are merely rare, at every step, and a 100-step usage window would undercount them.
+    """
+    return max(steps, math.ceil(RARE_FACTOR * codebook_size / max(1, tokens_per_step)))
+
+
 class _UsageTracker(nn.Module):
     """A step counter (optimizer steps) and the last step each code was used.
 
@@ -106,6 +121,7 @@ class _UsageTracker(nn.Module):
         self.codebook_size = codebook_size
         self.usage_window = usage_window
         self.forwards_per_step = 1
+        self.tokens_per_step = 0  # all processes' tokens per optimizer step; set by the first training forward
         self._forwards = 0  # training forwards seen; the checkpointed `step` is what persists
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.full((codebook_size,), -1, dtype=torch.long))  # -1: never
@@ -128,15 +144,23 @@ class _UsageTracker(nn.Module):
     # forward counter would recompile the model at every step.
     @torch.compiler.disable
     @torch.no_grad()
-    def _mark_used(self, global_counts: torch.Tensor) -> None:
+    def _mark_used(self, global_counts: torch.Tensor, tokens: int) -> None:
+        """Record this forward's (all-reduced) code counts; ``tokens``: this process's tokens in the forward."""
+        world = dist.get_world_size() if _distributed() else 1
+        self.tokens_per_step = tokens * world * self.forwards_per_step
         if self._starts_step():
             self.step += 1
         self._forwards += 1
         self.last_used.copy_(torch.where(global_counts > 0, self.step, self.last_used))
 
+    @property
+    def window_steps(self) -> int:
+        """The usage window, scaled with the codebook size and the tokens per step (`scaled_steps`)."""
+        return scaled_steps(self.usage_window, self.codebook_size, self.tokens_per_step or self.codebook_size)
+
     def usage(self) -> float:
-        """Fraction of codes used within the last `usage_window` training steps (reads the device: log time)."""
-        recent = (self.last_used >= 0) & (self.step - self.last_used < self.usage_window)
+        """Fraction of codes used within the last `window_steps` training steps (reads the device: log time)."""
+        recent = (self.last_used >= 0) & (self.step - self.last_used < self.window_steps)
         return recent.float().mean().item()
 
 
@@ -217,7 +241,7 @@ class VectorQuantizer(_UsageTracker):
             counts = stats[:, 0]
         else:
             counts = _all_reduce(counts.clone())
-        self._mark_used(counts)
+        self._mark_used(counts, idx.numel())
 
     @torch.no_grad()
     def _set_codes(self, rows: torch.Tensor, new: torch.Tensor) -> None:
@@ -232,7 +256,8 @@ class VectorQuantizer(_UsageTracker):
     @torch.compiler.disable
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Replace codes idle for `restart_after` steps by random encoder outputs of this batch, once per step.
+        """Replace codes idle for `restart_after` steps (scaled by `scaled_steps`: rare codes of a large codebook are
+        not dead) by random encoder outputs of this batch, once per step.
 
         A candidate is drawn for every code and only the dead ones take theirs: the same work every step,
         instead of reading the number of dead codes back to the host.
@@ -240,7 +265,9 @@ class VectorQuantizer(_UsageTracker):
         if not self._starts_step():
             return
         idle = self.step - torch.maximum(self.last_used, self.last_reset)
-        dead = idle >= self.restart_after  # same on every rank: built from reduced counts
+        world = dist.get_world_size() if _distributed() else 1
+        after = scaled_steps(self.restart_after, self.codebook_size, flat.shape[0] * world * self.forwards_per_step)
+        dead = idle >= after  # same on every rank: built from reduced counts
         new = flat[_sample_rows(flat.shape[0], self.codebook_size, flat.device)]
         self._set_codes(dead, _broadcast(new.contiguous()))  # rank 0's picks everywhere
 
@@ -314,7 +341,7 @@ class FSQ(_UsageTracker):
             indices = self.codes_to_indices(codes.detach())
             counts, perplexity = self._histogram(indices)
             if self.training:
-                self._mark_used(_all_reduce(counts.clone()))
+                self._mark_used(_all_reduce(counts.clone()), indices.numel())
             z_q = self.proj_out(codes.permute(0, 3, 1, 2).contiguous())
         return QuantOut(z_q, z.new_zeros((), dtype=torch.float32), indices, perplexity)
 

@@ -14,7 +14,7 @@ from core.checkpoint import load_weights
 from core.data import ImageDataset, SeededSampler, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.ema import WeightEMA
 from core.errors import UserError
-from core.health import check_codebook
+from core.health import check_codebook, check_psnr
 from core.images import comparison_grid
 from core.loop import TrainLoop, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options
@@ -246,11 +246,12 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     if step < cfg.lr_warmup_steps + cfg.log_every:  # a constant lr is a param, not a flat chart
                         metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
-                    check_codebook(cfg, loop.step, metrics)
+                    check_codebook(cfg, loop.step, metrics, model.quantizer.window_steps)
                     loop.bar.set_postfix(loss=f"{metrics.get('train/total_loss', float('nan')):.4f}",
                                          usage=f"{metrics['train/codebook_usage']:.2f}")
                 if rt.is_main and loop.due(cfg.val_every):
-                    validate(ema.module, loss_fn, val_loader, rt, cfg, loop.step)
+                    val = validate(ema.module, loss_fn, val_loader, rt, cfg, loop.step)
+                    check_psnr(cfg, loop.step, val["val/psnr"])
                 loop.checkpoint_if_due()
         if rt.is_main:
             log_model_weights(ema.module.state_dict(), KIND, dataclasses.asdict(cfg.model_config()), loop.step)

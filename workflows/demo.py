@@ -24,7 +24,7 @@ MANIFEST = "digits.csv"  # its file name names the data in run names: vqvae-digi
 # no GAN and no LPIPS (its VGG weights need a download): plain L1 is enough for blurry digits.
 FULL: dict[str, dict[str, Any]] = {
     "vqvae": {"image_size": IMAGE_SIZE, "ch": 16, "ch_mult": "1,2,2", "z_channels": 32, "embed_dim": 32,
-              "codebook_size": 128, "code_dim": 8, "l2_norm": True, "restart_after": 100,
+              "codebook_size": 128, "code_dim": 8, "l2_norm": True, "ema": False, "restart_after": 100,
               "perceptual_weight": 0.0, "disc_start": 10**9, "flip": False,  # a mirrored digit is another glyph
               "batch_size": 32, "max_steps": 800, "lr": 5e-4, "log_every": 20, "val_every": 200,
               "ckpt_every": 800},
