@@ -63,30 +63,23 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     return F.pad(table, (0, 1), value=float("-inf"))[:, index]
 
 
-def windowed_attention(qkv: Tensor, bias: Tensor, grid_shape: tuple[int, int], w: int,
-                       dropout_p: float = 0.0) -> Tensor:
+class WindowedAttention(torch.autograd.Function):
     """Block-sparse equivalent of the dense masked attention of a window model: qkv (B, 1 + H*W, 3, h, hd), the
     fused projection's output as it comes, and bias (h or 1, H, W, w*(1+W)) gathered with window_rows_index;
     returns (B, 1 + H*W, h*hd), ready for the output projection.
 
     Every grid row's W queries attend to a frame of w*(1+W) keys, the w rows ending at their own, each row
     headed by a copy of the prefix, instead of all 1 + H*W keys: the work falls by about H/w. The prefix query
-    sees only itself, so its output is its own value.
-    """
-    return _WindowedAttention.apply(qkv, bias, grid_shape, w, dropout_p)
+    sees only itself, so its output is its own value. Keys and values are tables of rows (B*h*H grid rows), with
+    w-1 zero rows before them; a row's frame is the w table rows ending at its own: an overlapping view that the
+    batched matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the
+    zero rows), which the mask hides (and their gradients are exactly zero).
 
-
-class _WindowedAttention(torch.autograd.Function):
-    """windowed_attention's forward and backward, written out: through autograd the same ops took 1.4-1.6x as
-    long (benchmarks/gpt_train_speed.py, attention only), in unfold_backward's scatter of the overlapping frames,
-    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are
-    laid out for the batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames'
-    gradients are summed by one strided reduction.
-
-    Keys and values are tables of rows (B*h*H grid rows, each headed by a prefix copy), with w-1 zero rows
-    before them; a row's frame is the w table rows ending at its own: an overlapping view that the batched
-    matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the zero
-    rows), which the mask hides (and their gradients are exactly zero).
+    The backward is written out: through autograd the same ops took 1.4-1.6x as long (attention only; a whole
+    CPU training step 1.1-1.2x), in unfold_backward's scatter of the overlapping frames, the three separate
+    q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are laid out for the
+    batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames' gradients are
+    summed by one strided reduction.
     """
 
     @staticmethod
@@ -142,6 +135,9 @@ class _WindowedAttention(torch.autograd.Function):
         return d_qkv, d_bias, None, None, None
 
 
+windowed_attention = WindowedAttention.apply  # (qkv, bias, grid, w, dropout_p)
+
+
 def _by_rows(codes: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, h, H, W, hd) view of (B, H*W, h, hd) codes in raster order: each head's grid rows."""
     B, _, h, hd = codes.shape
@@ -188,18 +184,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
-        self.window = config.window
-        # per-head bias: columns di*2w + dj + w for code keys, last column for the prefix key
-        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1)) if config.rel_bias else None
+        self.window = w = config.window
+        # per-head bias: columns di*2w + dj + w for code keys, 2w*w for the prefix key (relative_index)
+        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * w * w + 1)) if config.rel_bias else None
 
     def bias(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Additive scores (h, or 1 without a learned bias, *index.shape) of bias-table columns `index`."""
-        table = self.rel_bias if self.rel_bias is not None else torch.zeros(1, 2 * self.window ** 2 + 1, device=index.device)
+        table = index.new_zeros(1, 2 * self.window ** 2 + 1, dtype=dtype) if self.rel_bias is None else self.rel_bias
         return gather_bias(table.to(dtype), index)  # differentiable: the bias table gets its gradient
 
     def _score_mod(self, index: Tensor):
-        """FlexAttention's score_mod adding the bias of columns `index` (T, T); the block mask does the masking."""
-        table = F.pad(self.rel_bias, (0, 1))  # masked pairs read a zero: they are never used
+        """FlexAttention's score_mod adding the bias of columns `index` (T, T) (None without a learned bias)."""
+        if self.rel_bias is None:
+            return None
+        table = F.pad(self.rel_bias, (0, 1))  # masked pairs read a zero: the block mask hides them
         return lambda score, b, h, q, k: score + table[h, index[q, k]].to(score.dtype)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, index: Tensor | None = None,
@@ -211,12 +209,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         p = self.dropout if self.training else 0.0
         if grid is not None:
-            return self.resid_drop(self.proj(windowed_attention(qkv, self.bias(index, qkv.dtype), grid, self.window, p)))
+            y = windowed_attention(qkv, self.bias(index, qkv.dtype), grid, self.window, p)
+            return self.resid_drop(self.proj(y))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if cache is not None:
             cache.fill(k, v)
         if block_mask is not None:
-            y = _flex(q, k, v, score_mod=None if self.rel_bias is None else self._score_mod(index), block_mask=block_mask)
+            y = _flex(q, k, v, score_mod=self._score_mod(index), block_mask=block_mask)
         elif index is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:  # an additive float mask in q's dtype: CUDA's memory-efficient kernel takes it (flash takes none)

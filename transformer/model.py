@@ -217,9 +217,8 @@ class GPT(nn.Module):
         self._positions = self.positions(grid)
         # CUDA only: on CPU the compiled step measured slower than the eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
-        if self._use_compiled and self._compiled is None:
-            self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
         if self._use_compiled:
+            self._compiled = self._compiled or torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
                 torch._dynamo.mark_static_address(cache.kv)
 

@@ -122,9 +122,7 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
     """Decode a few samples (one per class for conditional models) through the upstream tokenizer."""
     n_classes = data.vocab.num_classes
     labels = torch.arange(8) % n_classes if n_classes else None
-    model.eval()
-    codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
-    model.train()
+    codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)  # in eval mode, restored after
     captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
     log_step_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), "samples", step)
 
