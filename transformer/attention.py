@@ -163,11 +163,11 @@ def _unframe(a: Tensor, b: Tensor, w: int) -> Tensor:
     return buf.as_strided((n + w - 1, w, R), (w * R, (w - 1) * R, 1), (w - 1) * R).sum(1)
 
 
-def flex_block_mask(index: Tensor, w: int) -> BlockMask:
-    """The visible pairs of bias-table columns `index` (T, T) as FlexAttention's block mask: only the blocks
-    with a visible pair are computed (about H/w of them for a window model)."""
-    T = index.shape[0]
-    return create_block_mask(lambda b, h, q, k: index[q, k] <= 2 * w * w, None, None, T, T, device=index.device)
+def flex_block_mask(grid_shape: tuple[int, int], w: int, T: int, device: torch.device) -> tuple[Tensor, BlockMask]:
+    """attention_index's first T rows and columns, and their visible pairs as FlexAttention's block mask: only
+    the blocks with a visible pair are computed (about H/w of them for a window model)."""
+    index = attention_index(grid_shape, w, device)[:T, :T].contiguous()
+    return index, create_block_mask(lambda b, h, q, k: index[q, k] <= 2 * w * w, None, None, T, T, device=device)
 
 
 # compiled on CUDA (FlexAttention's fused kernel; eager it is a dense reference), as is on CPU (tests)

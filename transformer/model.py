@@ -114,7 +114,7 @@ class GPT(nn.Module):
         # training a window model: FlexAttention (flex None: on CUDA) or else the block-sparse windowed_attention;
         # block_sparse False: the dense masked reference
         self.block_sparse, self.flex = True, None
-        self._index_cache: dict[tuple, Any] = {}
+        self._index_cache: dict[tuple, Any] = {}  # see _built_once
         self._caches: list[KVCache] | None = None
         self._cache_key: tuple | None = None
         self._compiled = None  # torch.compile'd _decode, built on first use
@@ -144,19 +144,13 @@ class GPT(nn.Module):
         rows, cols = self.row_emb(position_index(H, Ht, dev)), self.col_emb(position_index(W, Wt, dev))
         return (rows[:, None] + cols[None]).view(H * W, -1)
 
-    def _index(self, kind: str, grid: tuple[int, int], device: torch.device, T: int = 0):
-        """attention_index ("dense"), window_rows_index ("rows") or the first T of attention_index with its block
-        mask ("flex") of `grid`, built once (outside inference mode: built while sampling, they serve training)."""
-        key = (kind, grid, device, T)
-        if key not in self._index_cache:
+    def _built_once(self, build, *args):
+        """build(*args), an attention index, kept for the next calls (built outside inference mode: those built
+        while sampling serve training too)."""
+        if (build, *args) not in self._index_cache:
             with torch.inference_mode(False):
-                w = self.config.window
-                index = (window_rows_index if kind == "rows" else attention_index)(grid, w, device)
-                if kind == "flex":
-                    index = index[:T, :T].contiguous()
-                    index = index, flex_block_mask(index, w)
-                self._index_cache[key] = index
-        return self._index_cache[key]
+                self._index_cache[(build, *args)] = build(*args)
+        return self._index_cache[(build, *args)]
 
     def _run(self, tokens: Tensor, grid: tuple[int, int], caches: list[KVCache] | None = None) -> Tensor:
         B, T = tokens.shape
@@ -168,17 +162,17 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + pos[:T - 1]], 1)
         x = self.drop(x)
         rows = -(-(T - 1) // grid[1])  # grid rows the codes reach
-        attn = {}
-        if caches is None and self.block_sparse and self.config.window_size and self.config.window < rows:
+        w, dev, attn = self.config.window, x.device, {}
+        if caches is None and self.block_sparse and self.config.window_size and w < rows:
             flex = self.flex if self.flex is not None else x.is_cuda
             if flex and not (self.training and self.config.dropout):  # FlexAttention has no dropout
-                attn["index"], attn["block_mask"] = self._index("flex", grid, x.device, T)
+                attn["index"], attn["block_mask"] = self._built_once(flex_block_mask, grid, w, T, dev)
             else:  # block-sparse: pad to whole rows (the padding is in every real query's future, so invisible)
                 attn["grid"] = (rows, grid[1])
-                attn["index"] = self._index("rows", attn["grid"], x.device)
+                attn["index"] = self._built_once(window_rows_index, attn["grid"], w, dev)
                 x = F.pad(x, (0, 0, 0, 1 + rows * grid[1] - T))
         elif self.config.rel_bias or self.config.window_size:  # else plain causal attention
-            attn["index"] = self._index("dense", grid, x.device)[:T, :T]
+            attn["index"] = self._built_once(attention_index, grid, w, dev)[:T, :T]
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None, **attn)
         return self.ln_f(x[:, :T])
