@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from transformer.attention import attention_index, gather_bias, windowed_attention, window_rows_index
