@@ -3,8 +3,8 @@ bias it adds, as dense SDPA, as block-sparse frames (CPU training of window mode
 training of window models), and for one decoded token against the KV cache.
 
 Every (query, key) pair maps to a column of a per-head bias table (h, 2w*w + 1): di*2w + dj + w for code keys,
-2w*w for the prefix key, and MASKED (2w*w + 1, one past the table) where the key is not visible: gathering from
-the table padded with a -inf column gives bias and mask in one tensor.
+2w*w for the prefix key, and 2w*w + 1 (one past the table) where the key is not visible: gathering from the table
+padded with a -inf column gives bias and mask in one tensor.
 """
 from __future__ import annotations
 
