@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     t0 = time.perf_counter()
+    rounds = 1 if args.dry_run else args.rounds
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.dry_run:
         sys.exit("no CUDA GPU here: run on a GPU machine, or pass --dry-run for the tiny CPU smoke run")
@@ -200,11 +201,11 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(f"gpu check — {machine()}, {device}{' (dry run: tiny sizes)' if args.dry_run else ''}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, fastest of {args.rounds} after a warm-up call")
+          f"{time.strftime('%Y-%m-%d %H:%M')}, fastest of {rounds} after a warm-up call")
     if not args.no_tests:
         run_cuda_tests(args.tests_timeout)
     vqgan, mingpt = official.taming_vqgan(), official.mingpt()
-    check = Check(device, args.budget, 1 if args.dry_run else args.rounds)
+    check = Check(device, args.budget, rounds)
     print(f"  {'':<11}{'':<34}{'rate':>12} {'':<9}{'vs off.':>8}{'peak mem':>12}")
     for rows in (tokenizer_rows, gpt_rows, decode_rows):
         try:

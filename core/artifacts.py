@@ -92,7 +92,7 @@ def read_codes(path: Path, run_id: str | None, name: str, mmap: bool = False) ->
         arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         problem = what_is_wrong(path, exc, ".npy array")
-        if "allow_pickle" in str(exc):
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
             problem = "holds pickled Python objects, not code grids (not loaded: a pickle can run code)"
         raise damaged(run_id, name, problem) from None
     if arr.dtype.kind not in "iu":

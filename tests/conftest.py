@@ -74,6 +74,8 @@ def tracking_dir(tmp_path_factory) -> Path:
     os.environ["TAMING_CACHE_DIR"] = str(d / "cache")  # verified manifests, quantize work folders: not in ~/.cache
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()
+    # a SQLite store puts artifacts under ./mlruns of the working directory: keep them out of the checkout
+    os.chdir(d)
     return d
 
 

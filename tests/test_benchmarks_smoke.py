@@ -15,12 +15,6 @@ def run(script: str) -> str:
     return res.stdout
 
 
-def official_installed() -> bool:
-    """Whether the official taming package (benchmarks/requirements.txt) is importable: CI runs without it."""
-    import importlib.util
-    return importlib.util.find_spec("taming") is not None
-
-
 def test_sampling_speed_quick():
     out = run("sampling_speed.py")
     assert re.search(r"same seed, same samples: (\d+)/\1;", out), out
@@ -100,3 +94,15 @@ def test_quality_families_differ_and_hold_out_what_they_say(tmp_path):
         assert imgs.shape[1:] == (quality.SIZE, quality.SIZE, 3) and imgs.std() > 5
         means[name] = imgs.reshape(len(imgs), -1).mean(0)
     assert len({round(float(m.mean()), 3) for m in means.values()}) == 4
+
+
+def test_gpu_check_dry_run():
+    """gpu_check.py (what a CUDA machine runs) works end to end at tiny sizes on the CPU: every section prints a
+    rate, none an error, so the one run on a GPU is not spent on a broken script."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--no-tests"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "error" not in res.stdout, res.stdout
+    for name in ("ours fp32", "ours bf16 compiled", "ours dense (relative bias)", "ours plain causal (flash)",
+                 "ours window", "ours eager b1", "ours compiled b16"):
+        assert re.search(rf"{re.escape(name)}[^\n]*\s\d+\.\d+ (img|tok)/s", res.stdout), (name, res.stdout)

@@ -93,8 +93,7 @@ def test_damaged_artifact_is_one_line(chain, tmp_path, what, key, name, command,
         if problem and not name.endswith((".json", ".csv")):
             assert problem in line, line
     assert not marker.exists()
-    runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == before or set(runs.status[: len(runs) - before]) <= {"FAILED"}
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before  # checked before a run is made
 
 
 def test_config_of_the_wrong_shape_is_one_line(chain, tmp_path):

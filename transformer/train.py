@@ -142,11 +142,13 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     from transformer.pyfunc_model import log_generator_model
     from vqvae.tokenizer import load_tokenizer
 
+    # on every rank: memory maps, nothing sent between ranks; read before the run exists, so a damaged quantize
+    # run leaves no run behind
+    data = CodeData.from_run(cfg.quantize_run_id)
     with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
                    resume_run_id=resume_run_id,
                    enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
                                              f"L{cfg.n_layer}")) as run:
-        data = CodeData.from_run(cfg.quantize_run_id)  # on every rank: memory maps, nothing sent between ranks
         vocab = data.vocab
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,

@@ -100,7 +100,7 @@ def usage_from_files(paths: list[Path], codebook_size: int, chunk: int = 4096) -
     """`usage_stats` of code files read a chunk of grids at a time (the codes are never all in memory)."""
     counts = np.zeros(codebook_size, dtype=np.int64)
     for path in paths:
-        arr = np.load(path, mmap_mode="r")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
         for lo in range(0, len(arr), chunk):
             counts += np.bincount(np.asarray(arr[lo:lo + chunk]).reshape(-1), minlength=codebook_size)
     return usage_stats(counts)
