@@ -67,12 +67,16 @@ class GenerateConfig(Config):
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
     def check(self) -> None:
-        if self.latent_size and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.latent_size.lower()):
-            raise UserError(f"--latent-size must look like HxW (e.g. 32x32, positive), got {self.latent_size!r}")
+        self.grid((1, 1))  # a malformed --latent-size fails here, before anything is loaded
 
     def grid(self, trained: tuple[int, int]) -> tuple[int, int]:
-        """The code grid to sample: --latent-size, else the training grid."""
-        return tuple(int(v) for v in self.latent_size.lower().split("x")) if self.latent_size else tuple(trained)
+        """The code grid to sample: --latent-size HxW, else the training grid."""
+        if not self.latent_size:
+            return tuple(trained)
+        size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", self.latent_size.lower())
+        if not size or min(int(size[1]), int(size[2])) < 1:
+            raise UserError(f"--latent-size must look like HxW, positive (e.g. 32x32), got {self.latent_size!r}")
+        return int(size[1]), int(size[2])
 
 
 def load_transformer(run_id: str, device: torch.device, which: str = "best") -> tuple[GPT, Vocab]:
@@ -140,8 +144,9 @@ def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int 
 
 def run_name_parts(cfg: GenerateConfig) -> tuple[str, ...]:
     """The sampling options that tell generate runs apart, for the run name (e.g. cfg2-k100-s0)."""
-    parts = (cfg.cfg_scale not in (None, 1) and f"cfg{cfg.cfg_scale:g}", cfg.temperature != 1 and f"T{cfg.temperature:g}",
-             cfg.top_k and f"k{cfg.top_k}", cfg.top_p < 1 and f"p{cfg.top_p:g}", cfg.best_of > 1 and f"best{cfg.best_of}",
+    parts = (cfg.cfg_scale not in (None, 1) and f"cfg{cfg.cfg_scale:g}",
+             cfg.temperature != 1 and f"T{cfg.temperature:g}", cfg.top_k and f"k{cfg.top_k}",
+             cfg.top_p < 1 and f"p{cfg.top_p:g}", cfg.best_of > 1 and f"best{cfg.best_of}",
              cfg.context_image and "completion", cfg.latent_size, f"s{cfg.seed}")
     return tuple(p for p in parts if p)
 
@@ -167,7 +172,7 @@ def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None
             lo = min(first + rt.rank * bs, n)
             hi = min(lo + bs, n)
             batch = torch.zeros(bs, *grid, dtype=torch.long, device=rt.device)
-            lp = torch.zeros(bs, device=rt.device)
+            lp = torch.zeros(bs, dtype=torch.float32, device=rt.device)
             if hi > lo:  # a rank past the end sends padding
                 try:
                     c, l = generate(model, hi - lo, grid_shape=grid, labels=None if labels is None else labels[lo:hi],
