@@ -40,7 +40,8 @@ def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
     index, w_index = attention_index(grid, cfg.window, q.device), window_rows_index(grid, cfg.window, q.device)
 
     def dense() -> torch.Tensor:  # and the transpose back to (B, T, C) that Attention.forward does after it
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias(index, q.dtype)[None]).transpose(1, 2).flatten(2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias(index, q.dtype)[None])
+        return y.transpose(1, 2).flatten(2)
     sparse = lambda: windowed_attention(qkv, attn.bias(w_index, q.dtype), grid, cfg.window, 0.0)  # noqa: E731
     return fastest({False: lambda: dense().backward(grad), True: lambda: sparse().backward(grad)}, rounds)
 
