@@ -99,7 +99,8 @@ def test_metric_keys_carry_a_stage_prefix_and_inactive_terms_are_not_logged(pipe
 
 def test_params_apply_to_the_chosen_options(pipeline_runs):
     vq = pipeline_runs["vqvae"].data.params
-    assert "codebook_size" in vq and "fsq_levels" not in vq and "ema_decay" not in vq  # quantizer vq, no EMA
+    assert "codebook_size" in vq and "fsq_levels" not in vq  # quantizer vq
+    assert ("ema_decay" in vq) == (vq["ema"] == "True")  # the EMA decay only for an EMA codebook
     for section in SECTIONS:
         params = pipeline_runs[section].data.params
         assert "" not in params.values() and not RUN_ID_PARAMS & set(params), (section, params)
