@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import official  # noqa: E402
 from benchmarks.common import fastest, machine  # noqa: E402
 import transformer.attention as attention  # noqa: E402
-from transformer.attention import windowed_attention  # noqa: E402
+from transformer.attention import attention_index, window_rows_index, windowed_attention  # noqa: E402
 from transformer.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -37,12 +37,12 @@ def attention_only(model: GPT, batch: int, rounds: int) -> dict[bool, float]:
     qkv = torch.randn(batch, T, 3, cfg.n_head, hd, requires_grad=True)  # as the fused projection lays them out
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     grad = torch.randn(batch, T, cfg.n_embd)  # a real gradient: .sum()'s stride-0 one sends bmm down a slow path
-    index, mask = model._attention_index(grid, q.device, q.dtype, windowed=False)
-    w_index, w_mask = model._attention_index(grid, q.device, q.dtype, windowed=True)
+    index, w_index = attention_index(grid, cfg.window, q.device), window_rows_index(grid, cfg.window, q.device)
 
     def dense() -> torch.Tensor:  # and the transpose back to (B, T, C) that Attention.forward does after it
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=(attn.rel_bias[:, index] + mask)[None]).transpose(1, 2).flatten(2)
-    sparse = lambda: windowed_attention(qkv, attn.rel_bias, w_index, w_mask, grid, cfg.window)  # noqa: E731
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias(index, q.dtype)[None])
+        return y.transpose(1, 2).flatten(2)
+    sparse = lambda: windowed_attention(qkv, attn.bias(w_index, q.dtype), grid, cfg.window, 0.0)  # noqa: E731
     return fastest({False: lambda: dense().backward(grad), True: lambda: sparse().backward(grad)}, rounds)
 
 

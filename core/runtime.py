@@ -140,6 +140,16 @@ def broadcast_from_main(rt: Runtime, *objects: Any) -> tuple:
     return tuple(box)
 
 
+def gather_rows(rt: Runtime, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's `tensor` (the same shape on each: nothing is pickled) concatenated in rank order along `dim`;
+    in a single process the tensor itself."""
+    if not rt.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(rt.world_size)]
+    torch.distributed.all_gather(parts, tensor)
+    return torch.cat(parts, dim)
+
+
 def average_gradients(module: torch.nn.Module, rt: Runtime) -> None:
     """All-reduce a module's gradients (the discriminator is not DDP-wrapped: it also runs in the G step).
 

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer.attention import additive_mask as _additive
-from transformer.attention import attention_index, windowed_attention, window_rows_index
+from transformer.attention import attention_index, gather_bias, windowed_attention, window_rows_index
 from transformer.model import GPT, GPTConfig, position_index
 
 
@@ -45,17 +43,17 @@ def reference_mask(H: int, W: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("H,W,w", [(4, 4, 1), (4, 4, 2), (3, 7, 2), (6, 3, 3), (5, 5, 4), (3, 4, 9), (2, 9, 5)])
 def test_window_mask_matches_brute_force(H, W, w):
-    index, visible = attention_index((H, W), w, torch.device("cpu"))
+    index = attention_index((H, W), w, torch.device("cpu"))
     ref_visible, ref_index = reference_mask(H, W, w)
-    assert torch.equal(visible, ref_visible)
-    assert torch.equal(index[visible], ref_index[visible])
-    assert int(index.max()) <= 2 * w * w and int(index.min()) >= 0  # every column exists in the table
+    assert torch.equal(index <= 2 * w * w, ref_visible)
+    assert torch.equal(index[ref_visible], ref_index[ref_visible])
+    assert torch.equal(index[~ref_visible].unique(), torch.tensor([2 * w * w + 1]))  # the masked column
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 6), (6, 2)])
 def test_full_attention_is_causal(grid):
     w = GPTConfig(8, 0, grid, 1, 1, 8, window_size=0).window
-    _, visible = attention_index(grid, w, torch.device("cpu"))
+    visible = attention_index(grid, w, torch.device("cpu")) <= 2 * w * w
     T = 1 + grid[0] * grid[1]
     assert torch.equal(visible, torch.ones(T, T, dtype=torch.bool).tril())
 
@@ -223,12 +221,10 @@ def test_windowed_attention_equals_dense(grid, w):
     qkv = torch.randn(2, 1 + H * W, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     rel_bias = torch.randn(3, 2 * w * w + 1, dtype=torch.float64, requires_grad=True)
-    index, visible = attention_index(grid, w, torch.device("cpu"))
-    mask = _additive(visible, torch.float64)
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_bias[:, index] + mask).transpose(1, 2).flatten(2)
-    w_index, w_visible = window_rows_index(grid, w, torch.device("cpu"))
-    w_mask = _additive(w_visible, torch.float64)
-    sparse = windowed_attention(qkv, rel_bias, w_index, w_mask, grid, w)
+    bias = gather_bias(rel_bias, attention_index(grid, w, torch.device("cpu")))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+    w_bias = gather_bias(rel_bias, window_rows_index(grid, w, torch.device("cpu")))
+    sparse = windowed_attention(qkv, w_bias, grid, w, 0.0)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(dense)
     grads = torch.autograd.grad(dense, (qkv, rel_bias), g)
@@ -242,12 +238,11 @@ def test_windowed_attention_dropout_gradients():
     grid, w, p = (3, 4), 2, 0.3
     qkv = torch.randn(2, 13, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     rel_bias = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
-    index, visible = window_rows_index(grid, w, torch.device("cpu"))
-    mask = _additive(visible, torch.float64)
+    index = window_rows_index(grid, w, torch.device("cpu"))
 
     def attend(qkv, rel_bias, p=p):
         torch.manual_seed(1)
-        return windowed_attention(qkv, rel_bias, index, mask, grid, w, p)
+        return windowed_attention(qkv, gather_bias(rel_bias, index), grid, w, p)
     assert torch.autograd.gradcheck(attend, (qkv, rel_bias))
     assert not torch.allclose(attend(qkv, rel_bias), attend(qkv, rel_bias, 0.0))  # dropout did something
 
@@ -259,13 +254,12 @@ def test_windowed_attention_float32_softmax_of_half_inputs(monkeypatch):
     torch.manual_seed(0)
     qkv = torch.randn(2, 21, 3, 2, 4, dtype=torch.float64)
     rel_bias = torch.randn(2, 9, dtype=torch.float64)
-    index, visible = window_rows_index(grid, w, torch.device("cpu"))
+    index = window_rows_index(grid, w, torch.device("cpu"))
     g = torch.randn(2, 21, 8, dtype=torch.float64)
 
     def grads(dtype):
         x, b = qkv.to(dtype).requires_grad_(), rel_bias.clone().requires_grad_()
-        mask = _additive(visible, dtype)
-        out = windowed_attention(x, b, index, mask, grid, w, 0.1)
+        out = windowed_attention(x, gather_bias(b.to(dtype), index), grid, w, 0.1)
         return torch.autograd.grad(out, (x, b), g.to(dtype))
     torch.manual_seed(1)
     expected = grads(torch.float64)

@@ -184,12 +184,6 @@ def test_argument_validation():
         generate(tiny(window=0), 2, labels=torch.tensor([0, 3]))  # class out of range
 
 
-def test_progress_bar_on_stderr(capsys):
-    generate(tiny(window=2), 1, progress=True)
-    out, err = capsys.readouterr()
-    assert out == "" and "tok" in err
-
-
 def test_model_mode_restored():
     model = tiny(window=2).train()
     generate(model, 1)

@@ -1,6 +1,10 @@
 """Attention of the GPT over code grids: which keys a code sees (the 2-D window rule) and the relative-position
-bias it adds, as dense masked SDPA, as block-sparse frames (CPU training of window models), as FlexAttention (CUDA
+bias it adds, as dense SDPA, as block-sparse frames (CPU training of window models), as FlexAttention (CUDA
 training of window models), and for one decoded token against the KV cache.
+
+Every (query, key) pair maps to a column of a per-head bias table (h, 2w*w + 1): di*2w + dj + w for code keys,
+2w*w for the prefix key, and 2w*w + 1 (one past the table) where the key is not visible: gathering from the table
+padded with a -inf column gives bias and mask in one tensor.
 """
 from __future__ import annotations
 
@@ -16,75 +20,66 @@ if TYPE_CHECKING:
     from transformer.cache import KVCache
     from transformer.model import GPTConfig
 
-def relative_index(qi: Tensor, qj: Tensor, ki: Tensor, kj: Tensor, w: int) -> tuple[Tensor, Tensor]:
-    """Bias-table column and visibility of code key (ki, kj) for code query (qi, qj); broadcasts.
 
-    Visible: own row, columns j-w..j; the w-1 rows above, columns j-w..j+w-1. The column for a visible
-    pair is di*2w + (dj+w) with di = i-i' in [0, w-1], dj = j'-j in [-w, w-1]; column 2w*w is the prefix.
+def relative_index(qi: Tensor, qj: Tensor, ki: Tensor, kj: Tensor, w: int) -> Tensor:
+    """Bias-table column of code key (ki, kj) for code query (qi, qj), or 2w*w + 1 (masked); broadcasts.
+
+    Visible: own row, columns j-w..j; the w-1 rows above, columns j-w..j+w-1: column di*2w + (dj+w) with
+    di = i-i' in [0, w-1], dj = j'-j in [-w, w-1].
     """
     di, dj = qi - ki, kj - qj
     visible = (dj >= -w) & (((di == 0) & (dj <= 0)) | ((di > 0) & (di < w) & (dj < w)))
-    index = di.clamp(0, w - 1) * (2 * w) + dj.clamp(-w, w - 1) + w
-    return index, visible
+    return torch.where(visible, di * (2 * w) + dj + w, 2 * w * w + 1)
 
 
-def attention_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Bias-table columns (T, T) and visibility (T, T) of the whole sequence, T = 1 + H*W."""
+def attention_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> Tensor:
+    """Bias-table columns (T, T) of the whole sequence, T = 1 + H*W: every query sees the prefix, the prefix
+    query only it."""
     H, W = grid_shape
     n = torch.arange(H * W, device=device)
     i, j = n // W, n % W
-    code_index, code_visible = relative_index(i[:, None], j[:, None], i[None], j[None], w)
-    T = 1 + H * W
-    index = torch.full((T, T), 2 * w * w, device=device)  # column 0 (the prefix key) -> prefix bias
-    index[1:, 1:] = code_index
-    visible = torch.zeros(T, T, dtype=torch.bool, device=device)
-    visible[:, 0] = True  # everyone sees the prefix; the prefix query sees only itself
-    visible[1:, 1:] = code_visible
-    return index, visible
+    index = torch.full((1 + H * W, 1 + H * W), 2 * w * w + 1, device=device)
+    index[:, 0] = 2 * w * w
+    index[1:, 1:] = relative_index(i[:, None], j[:, None], i[None], j[None], w)
+    return index
 
 
-def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Bias columns (W, w*(1+W)) and visibility (H, W, w*(1+W)) for `windowed_attention`: query (i, j) against
-    key (r, c) of the frame of the w grid rows i-w+1..i (r = 0 the oldest), c = 0 being the prefix's copy at the
-    head of each frame row and c = 1.. the codes. Only the own row's prefix copy and the rows inside the grid
-    are visible."""
+def window_rows_index(grid_shape: tuple[int, int], w: int, device: torch.device) -> Tensor:
+    """Bias-table columns (H, W, w*(1+W)) for `windowed_attention`: query (i, j) against key (r, c) of the frame
+    of the w grid rows i-w+1..i (r = 0 the oldest), c = 0 being the prefix's copy at the head of each frame row
+    and c = 1.. the codes. Only the own row's prefix copy and the rows inside the grid are visible."""
     H, W = grid_shape
     j = torch.arange(W, device=device)[:, None]
     r = torch.arange(w, device=device).repeat_interleave(1 + W)[None]
     c = torch.arange(1 + W, device=device).repeat(w)[None]
-    index, visible = relative_index(torch.full_like(j, w - 1), j, r, c - 1, w)
-    prefix = c == 0
-    index = torch.where(prefix, 2 * w * w, index)
-    visible = torch.where(prefix, r == w - 1, visible)
+    index = relative_index(torch.full_like(j, w - 1), j, r, c - 1, w)
+    index = torch.where(c == 0, torch.where(r == w - 1, 2 * w * w, 2 * w * w + 1), index)
     inside = r >= w - 1 - torch.arange(H, device=device)[:, None]  # (H, w*(1+W)): key row i-(w-1)+r >= 0
-    return index, visible[None] & inside[:, None]
+    return torch.where(inside[:, None], index[None], 2 * w * w + 1)
 
 
-def windowed_attention(qkv: Tensor, rel_bias: Tensor | None, index: Tensor, mask: Tensor, grid_shape: tuple[int, int],
-                       w: int, dropout_p: float = 0.0) -> Tensor:
+def gather_bias(table: Tensor, index: Tensor) -> Tensor:
+    """Additive scores (rows of `table`, *index.shape): a bias table's columns `index`, -inf where masked."""
+    return F.pad(table, (0, 1), value=float("-inf"))[:, index]
+
+
+class WindowedAttention(torch.autograd.Function):
     """Block-sparse equivalent of the dense masked attention of a window model: qkv (B, 1 + H*W, 3, h, hd), the
-    fused projection's output as it comes; returns (B, 1 + H*W, h*hd), ready for the output projection.
+    fused projection's output as it comes, and bias (h or 1, H, W, w*(1+W)) gathered with window_rows_index;
+    returns (B, 1 + H*W, h*hd), ready for the output projection.
 
     Every grid row's W queries attend to a frame of w*(1+W) keys, the w rows ending at their own, each row
-    headed by a copy of the prefix (index (W, w*(1+W)) and additive mask (H, W, w*(1+W)) from
-    window_rows_index), instead of all 1 + H*W keys: the work falls by about H/w. The prefix query sees only
-    itself, so its output is its own value.
-    """
-    bias = mask if rel_bias is None else rel_bias[:, index].to(qkv.dtype)[:, None] + mask  # (h, H, W, w*(1+W))
-    return _WindowedAttention.apply(qkv, bias, grid_shape, w, dropout_p)
+    headed by a copy of the prefix, instead of all 1 + H*W keys: the work falls by about H/w. The prefix query
+    sees only itself, so its output is its own value. Keys and values are tables of rows (B*h*H grid rows), with
+    w-1 zero rows before them; a row's frame is the w table rows ending at its own: an overlapping view that the
+    batched matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the
+    zero rows), which the mask hides (and their gradients are exactly zero).
 
-
-class _WindowedAttention(torch.autograd.Function):
-    """windowed_attention's forward and backward, written out: through autograd the same ops took 1.4-1.6x as
-    long (benchmarks/gpt_train_speed.py, attention only), in unfold_backward's scatter of the overlapping frames,
-    the three separate q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are
-    laid out for the batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames'
-    gradients are summed by one strided reduction.
-
-    Keys and values are tables of rows (B*h*H grid rows, each headed by a prefix copy), with w-1 zero rows
-    before them; a row's frame is the w table rows ending at its own: an overlapping view that the batched
-    matmuls read in place. A frame reaching above the grid reads the previous head's last rows (or the zero
-    rows), which the mask hides (and their gradients are exactly zero).
+    The backward is written out: through autograd the same ops took 1.4-1.6x as long (attention only; a whole
+    CPU training step 1.1-1.2x), in unfold_backward's scatter of the overlapping frames, the three separate
+    q/k/v gradients it zero-fills and sums, and copies between layouts. Here q, k and v are laid out for the
+    batched matmuls once, their gradients land in one (B, T, 3, h, hd) tensor, and the frames' gradients are
+    summed by one strided reduction.
     """
 
     @staticmethod
@@ -140,6 +135,9 @@ class _WindowedAttention(torch.autograd.Function):
         return d_qkv, d_bias, None, None, None
 
 
+windowed_attention = WindowedAttention.apply  # (qkv, bias, grid, w, dropout_p)
+
+
 def _by_rows(codes: Tensor, grid: tuple[int, int]) -> Tensor:
     """(B, h, H, W, hd) view of (B, H*W, h, hd) codes in raster order: each head's grid rows."""
     B, _, h, hd = codes.shape
@@ -166,28 +164,14 @@ def _unframe(a: Tensor, b: Tensor, w: int) -> Tensor:
 
 
 def flex_block_mask(grid_shape: tuple[int, int], w: int, T: int, device: torch.device) -> tuple[Tensor, BlockMask]:
-    """attention_index's bias columns (T, T) and its visibility as FlexAttention's block mask: only the blocks
-    with a visible pair are computed (about H/w of them for a window model)."""
-    index, visible = attention_index(grid_shape, w, device)
-    index, visible = index[:T, :T].contiguous(), visible[:T, :T].contiguous()
-    return index, create_block_mask(lambda b, h, q, k: visible[q, k], None, None, T, T, device=device)
+    """attention_index's first T rows and columns, and their visible pairs as FlexAttention's block mask: only
+    the blocks with a visible pair are computed (about H/w of them for a window model)."""
+    index = attention_index(grid_shape, w, device)[:T, :T].contiguous()
+    return index, create_block_mask(lambda b, h, q, k: index[q, k] <= 2 * w * w, None, None, T, T, device=device)
 
 
 # compiled on CUDA (FlexAttention's fused kernel; eager it is a dense reference), as is on CPU (tests)
 _flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-
-
-def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor | None, index: Tensor,
-                          block_mask: BlockMask) -> Tensor:
-    """q, k, v (B, h, T, hd) -> (B, h, T, hd): the window model's attention through FlexAttention, the relative
-    bias added by a score_mod (differentiable: the bias table gets its gradient), the mask by the block mask."""
-    def add_bias(score, b, h, q_idx, kv_idx):
-        return score + rel_bias[h, index[q_idx, kv_idx]].to(score.dtype)
-    return _flex(q, k, v, score_mod=None if rel_bias is None else add_bias, block_mask=block_mask)
-
-
-def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -200,30 +184,42 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
-        self.window = config.window
-        # per-head bias: columns di*2w + dj + w for code keys, last column for the prefix key
-        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * config.window ** 2 + 1)) if config.rel_bias else None
+        self.window = w = config.window
+        # per-head bias: columns di*2w + dj + w for code keys, 2w*w for the prefix key (relative_index)
+        self.rel_bias = nn.Parameter(torch.zeros(config.n_head, 2 * w * w + 1)) if config.rel_bias else None
 
-    def forward(self, x: Tensor, index: Tensor | None, mask: Tensor | None, grid: tuple[int, int] | None = None,
-                cache: KVCache | None = None, block_mask: BlockMask | None = None) -> Tensor:
-        """Dense attention with (T, T) bias columns `index` and additive `mask` (or plain causal attention if both
-        are None); with `block_mask`, the same through FlexAttention; with `grid` (a window model, x covering
-        whole grid rows), windowed_attention with window_rows_index's index and mask."""
+    def bias(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """Additive scores (h, or 1 without a learned bias, *index.shape) of bias-table columns `index`."""
+        table = index.new_zeros(1, 2 * self.window ** 2 + 1, dtype=dtype) if self.rel_bias is None else self.rel_bias
+        return gather_bias(table.to(dtype), index)  # differentiable: the bias table gets its gradient
+
+    def _score_mod(self, index: Tensor):
+        """FlexAttention's score_mod adding the bias of columns `index` (T, T) (None without a learned bias)."""
+        if self.rel_bias is None:
+            return None
+        table = F.pad(self.rel_bias, (0, 1))  # masked pairs read a zero: the block mask hides them
+        return lambda score, b, h, q, k: score + table[h, index[q, k]].to(score.dtype)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, index: Tensor | None = None,
+                grid: tuple[int, int] | None = None, block_mask: BlockMask | None = None) -> Tensor:
+        """Dense attention with bias-table columns `index` (T, T) (None: plain causal attention); with
+        `block_mask`, the same through FlexAttention; with `grid` (a window model, x covering whole grid rows),
+        windowed_attention with window_rows_index's columns."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         p = self.dropout if self.training else 0.0
         if grid is not None:
-            return self.resid_drop(self.proj(windowed_attention(qkv, self.rel_bias, index, mask, grid, self.window, p)))
+            y = windowed_attention(qkv, self.bias(index, qkv.dtype), grid, self.window, p)
+            return self.resid_drop(self.proj(y))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if cache is not None:
             cache.fill(k, v)
         if block_mask is not None:
-            y = flex_window_attention(q, k, v, self.rel_bias, index, block_mask)
-        elif mask is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
+            y = _flex(q, k, v, score_mod=self._score_mod(index), block_mask=block_mask)
+        elif index is None:  # no bias, full attention: the fused causal kernels (flash/efficient on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:  # an additive float mask in q's dtype: CUDA's memory-efficient kernel takes it (flash takes none)
-            bias = mask if self.rel_bias is None else self.rel_bias[:, index].to(q.dtype) + mask  # differentiable gather
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p)  # 4-D: the fused CPU kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias(index, q.dtype)[None], dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def decode(self, x: Tensor, cache: KVCache, slot: int | Tensor, window: slice | Tensor, bias: Tensor) -> Tensor:

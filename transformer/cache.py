@@ -8,6 +8,7 @@ from torch import Tensor
 
 from transformer.attention import relative_index
 
+
 class KVCache:
     """One layer's keys and values, kv (2, B, h, S, hd): a ring of the last R code rows plus prefix copies.
 
@@ -52,12 +53,12 @@ class KVCache:
         self.kv[:, :, :, slot] = torch.stack((k[:, :, 1 + first:], v[:, :, 1 + first:]))
 
 
-
 def ring_layout(grid: tuple[int, int], w: int, device: torch.device) -> dict[str, Tensor]:
     """Where every raster position n of `grid` writes and what it reads, for a window-w model:
     write (HW,) its slot; start/length (HW,) the run of slots it may see; slots (HW, L) that run padded to the
-    longest (the fixed-shape compiled step reads all L); index/visible (HW, L) bias column and visibility of
-    each slot read; n_slots and prefix_slots (P,) the cache's size and its prefix copies.
+    longest (the fixed-shape compiled step reads all L); index (HW, L) the bias-table column of each slot read
+    (relative_index's, masked where invisible); n_slots and prefix_slots (P,) the cache's size and its prefix
+    copies.
 
     Slot order: if the window is narrower than the grid, column-major with a copy of the prefix heading each
     column, so the window's columns (and a prefix) are one run of slots; otherwise the prefix, then a ring of
@@ -84,13 +85,12 @@ def ring_layout(grid: tuple[int, int], w: int, device: torch.device) -> dict[str
     else:
         slot_row, slot_col = (slots - 1).div(W, rounding_mode="floor"), (slots - 1) % W
     # each code slot holds the latest grid row <= i with its residue mod R; stale slots (rows < 0, the current
-    # row's future columns, or beyond `length`) are invisible; of the prefix copies only the first is visible
+    # row's future columns, or beyond `length`) are masked; of the prefix copies only the first is visible
     i, j = i[:, None], j[:, None]
     held = i - (i - slot_row) % rows
-    index, visible = relative_index(i, j, held, slot_col, w)
-    visible &= (held >= 0) & (torch.arange(L, device=device) < length[:, None])
-    is_prefix = slot_row < 0
-    index = torch.where(is_prefix, 2 * w * w, index)
-    visible = torch.where(is_prefix, slots == start[:, None], visible)
-    return dict(write=write, start=start, length=length, slots=slots, index=index, visible=visible,
-                n_slots=n_slots, prefix_slots=prefix_slots)
+    index = relative_index(i, j, held, slot_col, w)
+    index = torch.where((held >= 0) & (torch.arange(L, device=device) < length[:, None]), index, 2 * w * w + 1)
+    prefix = torch.where(slots == start[:, None], 2 * w * w, 2 * w * w + 1)
+    index = torch.where(slot_row < 0, prefix, index)
+    return dict(write=write, start=start, length=length, slots=slots, index=index, n_slots=n_slots,
+                prefix_slots=prefix_slots)

@@ -7,6 +7,7 @@ decoded through the upstream tokenizer, captioned with their class names) and, w
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
 from core.options import Config, build_config, config_options, opt
-from core.runtime import setup_runtime, teardown
+from core.runtime import gather_rows, setup_runtime, teardown
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from core.weights import LAST_MODEL_DIR, MODEL_DIR, load_model_weights
@@ -65,17 +66,17 @@ class GenerateConfig(Config):
                                  "decoding streams; the draws stay in float64).", choices=list(PRECISIONS))
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
 
+    def check(self) -> None:
+        self.grid((1, 1))  # a malformed --latent-size fails here, before anything is loaded
 
-def parse_latent_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
-    if not text:
-        return default
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--latent-size must look like HxW (e.g. 32x32), got {text!r}") from None
-    if h < 1 or w < 1:
-        raise UserError(f"--latent-size must be positive, got {text!r}")
-    return h, w
+    def grid(self, trained: tuple[int, int]) -> tuple[int, int]:
+        """The code grid to sample: --latent-size HxW, else the training grid."""
+        if not self.latent_size:
+            return tuple(trained)
+        size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", self.latent_size.lower())
+        if not size or min(int(size[1]), int(size[2])) < 1:
+            raise UserError(f"--latent-size must look like HxW, positive (e.g. 32x32), got {self.latent_size!r}")
+        return int(size[1]), int(size[2])
 
 
 def load_transformer(run_id: str, device: torch.device, which: str = "best") -> tuple[GPT, Vocab]:
@@ -143,10 +144,10 @@ def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int 
 
 def run_name_parts(cfg: GenerateConfig) -> tuple[str, ...]:
     """The sampling options that tell generate runs apart, for the run name (e.g. cfg2-k100-s0)."""
-    parts = [f"cfg{cfg.cfg_scale:g}" if cfg.cfg_scale not in (None, 1) else "", f"T{cfg.temperature:g}" if cfg.temperature != 1
-             else "", f"k{cfg.top_k}" if cfg.top_k else "", f"p{cfg.top_p:g}" if cfg.top_p < 1 else "",
-             f"best{cfg.best_of}" if cfg.best_of > 1 else "", "completion" if cfg.context_image else "",
-             cfg.latent_size or "", f"s{cfg.seed}"]
+    parts = (cfg.cfg_scale not in (None, 1) and f"cfg{cfg.cfg_scale:g}",
+             cfg.temperature != 1 and f"T{cfg.temperature:g}", cfg.top_k and f"k{cfg.top_k}",
+             cfg.top_p < 1 and f"p{cfg.top_p:g}", cfg.best_of > 1 and f"best{cfg.best_of}",
+             cfg.context_image and "completion", cfg.latent_size, f"s{cfg.seed}")
     return tuple(p for p in parts if p)
 
 
@@ -172,7 +173,7 @@ def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None
             hi = min(lo + bs, n)
             batch = torch.zeros(bs, *grid, dtype=torch.long, device=rt.device)
             lp = torch.zeros(bs, dtype=torch.float32, device=rt.device)
-            if hi > lo:
+            if hi > lo:  # a rank past the end sends padding
                 try:
                     c, l = generate(model, hi - lo, grid_shape=grid, labels=None if labels is None else labels[lo:hi],
                                     cfg_scale=cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k or None,
@@ -181,12 +182,8 @@ def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None
                                     batch_size=bs, use_cache=cfg.cache, compile=cfg.compile)
                 except ValueError as exc:  # e.g. a larger grid for a full-attention model
                     raise UserError(str(exc)) from None
-                batch[:hi - lo], lp[:hi - lo] = c.to(rt.device), l.float().to(rt.device)
-            if rt.distributed:
-                parts, lps = [torch.empty_like(batch) for _ in range(world)], [torch.empty_like(lp) for _ in range(world)]
-                torch.distributed.all_gather(parts, batch)
-                torch.distributed.all_gather(lps, lp)
-                batch, lp = torch.cat(parts), torch.cat(lps)
+                batch[:hi - lo], lp[:hi - lo] = c, l
+            batch, lp = gather_rows(rt, batch), gather_rows(rt, lp)
             end = min(first + bs * world, n)
             if codes is not None:
                 codes[first:end] = batch[:end - first].cpu().numpy()
@@ -212,7 +209,7 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
     # the run IDs, labels, options and context image are checked before the run exists: a mistake leaves no run
     model, vocab = load_transformer(cfg.transformer_run_id, rt.device, cfg.weights)
     model.to(PRECISIONS[cfg.precision])
-    grid = parse_latent_size(cfg.latent_size, tuple(vocab.grid_shape))
+    grid = cfg.grid(vocab.grid_shape)
     labels, names = sample_labels(cfg, vocab)
     cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
     vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id

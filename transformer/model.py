@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer.attention import Attention, additive_mask, attention_index, flex_block_mask, window_rows_index
+from transformer.attention import Attention, attention_index, flex_block_mask, window_rows_index
 from transformer.cache import KVCache, ring_layout
 from transformer.vocab import TokenLayout
 
@@ -88,8 +89,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
 
-    def forward(self, x: Tensor, *attn_args) -> Tensor:
-        x = x + self.attn(self.ln1(x), *attn_args)
+    def forward(self, x: Tensor, cache: KVCache | None = None, **attn) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache, **attn)
         return x + self.mlp(self.ln2(x))
 
 
@@ -113,7 +114,7 @@ class GPT(nn.Module):
         # training a window model: FlexAttention (flex None: on CUDA) or else the block-sparse windowed_attention;
         # block_sparse False: the dense masked reference
         self.block_sparse, self.flex = True, None
-        self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._index_cache: dict[tuple, Any] = {}  # see _built_once
         self._caches: list[KVCache] | None = None
         self._cache_key: tuple | None = None
         self._compiled = None  # torch.compile'd _decode, built on first use
@@ -143,17 +144,13 @@ class GPT(nn.Module):
         rows, cols = self.row_emb(position_index(H, Ht, dev)), self.col_emb(position_index(W, Wt, dev))
         return (rows[:, None] + cols[None]).view(H * W, -1)
 
-    def _attention_index(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                         windowed: bool) -> tuple[Tensor, Tensor]:
-        """Bias columns and additive mask for dense attention over the whole sequence, or for windowed_attention;
-        built once per (grid, device, dtype)."""
-        key = (grid, device, dtype, windowed)
-        if key not in self._index_cache:
-            build = window_rows_index if windowed else attention_index
-            with torch.inference_mode(False):  # built while sampling, they serve training too
-                index, visible = build(grid, self.config.window, device)
-                self._index_cache[key] = index, additive_mask(visible, dtype)
-        return self._index_cache[key]
+    def _built_once(self, build, *args):
+        """build(*args), an attention index, kept for the next calls (built outside inference mode: those built
+        while sampling serve training too)."""
+        if (build, *args) not in self._index_cache:
+            with torch.inference_mode(False):
+                self._index_cache[(build, *args)] = build(*args)
+        return self._index_cache[(build, *args)]
 
     def _run(self, tokens: Tensor, grid: tuple[int, int], caches: list[KVCache] | None = None) -> Tensor:
         B, T = tokens.shape
@@ -164,29 +161,20 @@ class GPT(nn.Module):
         if pos is not None:  # the prefix is not a code: no position
             x = torch.cat([x[:, :1], x[:, 1:] + pos[:T - 1]], 1)
         x = self.drop(x)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         rows = -(-(T - 1) // grid[1])  # grid rows the codes reach
-        windowed = caches is None and self.block_sparse and self.config.window_size and self.config.window < rows
-        flex = self.flex if self.flex is not None else x.is_cuda
-        if windowed and flex and not (self.training and self.config.dropout):  # FlexAttention has no dropout
-            key = ("flex", grid, T, tokens.device)
-            if key not in self._index_cache:
-                with torch.inference_mode(False):
-                    self._index_cache[key] = flex_block_mask(grid, self.config.window, T, tokens.device)
-            index, block_mask = self._index_cache[key]
-            args = (index, None, None, block_mask)
-        elif windowed:
-            # block-sparse: pad to whole rows (the padding is in every real query's future, so invisible)
-            sub = (rows, grid[1])
-            x = F.pad(x, (0, 0, 0, 1 + rows * grid[1] - T))
-            args = (*self._attention_index(sub, tokens.device, dtype, True), sub)
-        elif not self.config.rel_bias and not self.config.window_size:
-            args = (None, None, None)  # plain causal attention
-        else:
-            index, mask = self._attention_index(grid, tokens.device, dtype, False)
-            args = (index[:T, :T], mask[:T, :T], None)
+        w, dev, attn = self.config.window, x.device, {}
+        if caches is None and self.block_sparse and self.config.window_size and w < rows:
+            flex = self.flex if self.flex is not None else x.is_cuda
+            if flex and not (self.training and self.config.dropout):  # FlexAttention has no dropout
+                attn["index"], attn["block_mask"] = self._built_once(flex_block_mask, grid, w, T, dev)
+            else:  # block-sparse: pad to whole rows (the padding is in every real query's future, so invisible)
+                attn["grid"] = (rows, grid[1])
+                attn["index"] = self._built_once(window_rows_index, attn["grid"], w, dev)
+                x = F.pad(x, (0, 0, 0, 1 + rows * grid[1] - T))
+        elif self.config.rel_bias or self.config.window_size:  # else plain causal attention
+            attn["index"] = self._built_once(attention_index, grid, w, dev)[:T, :T]
         for i, block in enumerate(self.blocks):
-            x = block(x, *args[:3], caches[i] if caches else None, *args[3:])
+            x = block(x, caches[i] if caches else None, **attn)
         return self.ln_f(x[:, :T])
 
     def forward(self, tokens: Tensor, grid_shape: tuple[int, int] | None = None) -> Tensor:
@@ -208,13 +196,12 @@ class GPT(nn.Module):
         self._cache_grid = grid
         ring = ring_layout(grid, w, dev)
         # positions sharing a bias pattern share a table row: the tables stay small on large grids
-        patterns, pattern_of = torch.unique(torch.where(ring["visible"], ring["index"], -1), dim=0, return_inverse=True)
-        # every layer's bias table as rows (layer, head), with a last column of -inf that invisible slots index:
+        self._pattern_index, pattern_of = torch.unique(ring["index"], dim=0, return_inverse=True)
+        # every layer's bias table as rows (layer, head), with a last column of -inf that masked slots index:
         # one index_select per step gathers bias and mask for all layers
         table = (torch.cat([blk.attn.rel_bias for blk in self.blocks]) if self.config.rel_bias else
                  torch.zeros(len(self.blocks) * self.config.n_head, 2 * w * w + 1, device=dev)).to(dtype)
         self._rel_bias = F.pad(table, (0, 1), value=float("-inf"))
-        self._pattern_index = torch.where(patterns >= 0, patterns, table.shape[1])
         if self._cache_key != (batch_size, grid, dtype, dev):  # reuse the buffers (and any CUDA graph) if we can
             self._cache_key = (batch_size, grid, dtype, dev)
             self._caches = [KVCache(batch_size, self.config.n_head, hd, ring["n_slots"], ring["write"],
@@ -224,9 +211,8 @@ class GPT(nn.Module):
         self._positions = self.positions(grid)
         # CUDA only: on CPU the compiled step measured slower than the eager one (benchmarks/sampling_speed.py)
         self._use_compiled = compile and dev.type == "cuda"
-        if self._use_compiled and self._compiled is None:
-            self._compiled = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
         if self._use_compiled:
+            self._compiled = self._compiled or torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
             for cache in self._caches:  # fixed addresses: CUDA graphs update them in place
                 torch._dynamo.mark_static_address(cache.kv)
 
@@ -272,5 +258,5 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
                   {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        # fused (CUDA and CPU): one kernel, and a non-finite step is skipped on the device (no host read)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)

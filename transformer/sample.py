@@ -1,11 +1,8 @@
 """Sampling code grids from a GPT: logits filters, guidance, best-of-K, cached or recomputed decoding."""
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .model import GPT
 
@@ -61,7 +58,7 @@ def _sample_token(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: tuple[int, int],
                   cfg_scale: float | None, temperature: float, top_k: int | None, top_p: float | None,
-                  use_cache: bool, compile: bool, bar: tqdm) -> tuple[Tensor, Tensor]:
+                  use_cache: bool, compile: bool) -> tuple[Tensor, Tensor]:
     """Complete B sequences [prefix, context, ...] (one row per candidate); codes (B, H*W), log-prob (B,)."""
     H, W = grid
     B, n_ctx = context.shape
@@ -93,7 +90,6 @@ def _sample_chunk(model: GPT, prefix: Tensor, context: Tensor, u: Tensor, grid: 
         token, logp = _sample_token(logits, u[:, t - n_ctx])
         seq[:, 1 + t] = token if cfg_scale is None else token.repeat(2)
         logp_total += logp
-        bar.update(B)
     return seq[:B, 1:], logp_total
 
 
@@ -102,8 +98,7 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
              labels: Tensor | None = None, cfg_scale: float = 1.0, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              context: Tensor | None = None, best_of: int = 1, batch_size: int = 64,
-             use_cache: bool = True, compile: bool = False,
-             progress: bool = False) -> tuple[Tensor, Tensor]:
+             use_cache: bool = True, compile: bool = False) -> tuple[Tensor, Tensor]:
     """Sample `num_samples` code grids; returns codes (n, H, W) and each grid's total log-probability (n,).
 
     labels (n,): class per sample (None: the SOS/null prefix). cfg_scale != 1 with labels: classifier-free
@@ -151,21 +146,19 @@ def generate(model: GPT, num_samples: int, grid_shape: tuple[int, int] | None = 
     rows = num_samples * best_of  # candidates of sample s are rows s*best_of ... s*best_of + best_of-1
     prefix = prefix.repeat_interleave(best_of).to(device)
     context = context.flatten(1).repeat_interleave(best_of, 0).to(device)
-    u = torch.rand(rows, H * W - n_ctx, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    u = u.to(device)
+    u = torch.rand(rows, H * W - n_ctx, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     guide = cfg_scale if labels is not None and cfg_scale != 1.0 else None
 
     was_training = model.training
     model.eval()
     codes, logp = [], []
     try:
-        with tqdm(total=rows * (H * W - n_ctx), unit="tok", file=sys.stderr, disable=not progress) as bar:
-            for lo in range(0, rows, batch_size):
-                sl = slice(lo, lo + batch_size)
-                c, lp = _sample_chunk(model, prefix[sl], context[sl], u[sl], grid, guide, temperature,
-                                      top_k, top_p, use_cache, compile, bar)
-                codes.append(c)
-                logp.append(lp)
+        for lo in range(0, rows, batch_size):
+            sl = slice(lo, lo + batch_size)
+            c, lp = _sample_chunk(model, prefix[sl], context[sl], u[sl], grid, guide, temperature, top_k, top_p,
+                                  use_cache, compile)
+            codes.append(c)
+            logp.append(lp)
     finally:
         model.train(was_training)
     codes, logp = torch.cat(codes).view(num_samples, best_of, H, W), torch.cat(logp).view(num_samples, best_of)

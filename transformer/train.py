@@ -21,7 +21,7 @@ from core.images import grid_image
 from core.loop import TrainLoop, step_optimizer, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
-from core.runtime import Runtime, fused_adam
+from core.runtime import Runtime
 from core.artifacts import damaged, read_codes, read_table
 from core.tracking import download, get_run, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import LAST_MODEL_DIR, log_model_weights
@@ -122,9 +122,7 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
     """Decode a few samples (one per class for conditional models) through the upstream tokenizer."""
     n_classes = data.vocab.num_classes
     labels = torch.arange(8) % n_classes if n_classes else None
-    model.eval()
-    codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)
-    model.train()
+    codes, _ = generate(model, 8, labels=labels, seed=seed, top_k=None)  # in eval mode, restored after
     captions = [data.vocab.classes[i] for i in labels.tolist()] if labels is not None else None
     log_step_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), "samples", step)
 
@@ -157,10 +155,7 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                          n_embd=cfg.n_embd, window_size=cfg.window_size, dropout=cfg.dropout,
                          pos_emb=cfg.pos_emb, rel_bias=cfg.rel_bias)
         model = GPT(mcfg).to(rt.device)
-        opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))
-        if not opt.defaults.get("fused"):  # the fused kernel skips a non-finite step on the device (no host read)
-            opt = fused_adam([{k: g[k] for k in ("params", "weight_decay")} for g in opt.param_groups], cfg.lr,
-                             (0.9, 0.95), torch.optim.AdamW)
+        opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95))  # fused: skips bad steps on device
         scaler = rt.grad_scaler()
         ema = WeightEMA(model, cfg.ema_weights)
         # the weights (EMA ones when on) at the lowest validation loss so far: on a few hundred images the last

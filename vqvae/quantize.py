@@ -26,7 +26,7 @@ from tqdm import tqdm
 from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.errors import UserError
 from core.options import WORKERS_HELP, Config, build_config, config_options, opt
-from core.runtime import broadcast_from_main, setup_runtime, teardown
+from core.runtime import broadcast_from_main, gather_rows, setup_runtime, teardown
 from core.tracking import (connect, data_name, get_run, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from vqvae.codegrids import CodeGrids
@@ -137,9 +137,7 @@ def encode_split(tok: Tokenizer, paths: list[str], arrays: list[np.ndarray], sta
             if rt.distributed:
                 padded = codes.new_zeros(views, bs, *tok.grid_shape)
                 padded[:, :codes.shape[1]] = codes
-                parts = [torch.empty_like(padded) for _ in range(world)]
-                torch.distributed.all_gather(parts, padded)
-                codes = torch.cat(parts, dim=1)  # rank r's batch at [r*bs, (r+1)*bs)
+                codes = gather_rows(rt, padded, dim=1)  # rank r's batch at [r*bs, (r+1)*bs)
             if rt.is_main:
                 hi = min(lo + bs * world, n)
                 host = codes[:, :hi - lo].cpu().numpy()
