@@ -55,7 +55,7 @@ SHAPES = ("circle", "square", "triangle")
 OLD: dict[str, dict] = {
     "vqvae": {"code_dim": 8, "l2_norm": True, "ema": False},
     "train": {},
-    "generate": {},
+    "generate": {"cfg_scale": 3.0, "top_k": 20},
 }
 
 
