@@ -211,6 +211,16 @@ def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, datase
     assert [(m.step, m.value) for m in lr] == [(1, 1.5e-4), (2, 3e-4), (3, 3e-4)]
 
 
+def test_no_lr_chart_when_the_warmup_fits_in_one_logging_interval(tracking_dir, dataset):
+    # the demo's tokenizer (warm-up 20, log every 20) charted two points at the peak: a flat line the UI reads as 0
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4", "--lr-warmup-steps", "2",
+                 "--log-every", "2", "--no-system-metrics", "--experiment", "ux-lr")
+    assert res.exit_code == 0, res.output
+    run = mlflow.MlflowClient().get_run(last_line(res.stdout))
+    assert "train/lr" not in run.data.metrics and "train/total_loss" in run.data.metrics
+    assert run.data.params["lr_warmup_steps"] == "2"  # the schedule stays readable as params
+
+
 def test_unknown_model_reference_is_a_one_line_error(tracking_dir):
     proc = run_cli("quantize", "--vqvae-run-id", "models:/no-such-model@prod")
     assert proc.returncode == 1

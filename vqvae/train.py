@@ -243,7 +243,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
                     metrics.update({"train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
-                    if step < cfg.lr_warmup_steps + cfg.log_every:  # a constant lr is a param, not a flat chart
+                    # a constant lr is a param, not a flat chart: charted only while the warm-up ramps it, and
+                    # only when the ramp spans several logs (else the chart is a flat line at the peak, read as 0)
+                    if cfg.lr_warmup_steps > cfg.log_every and step < cfg.lr_warmup_steps + cfg.log_every:
                         metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
                     check_codebook(cfg, loop.step, metrics, model.quantizer.window_steps)
