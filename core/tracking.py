@@ -431,12 +431,14 @@ def log_manifest(df, source: str, context: str) -> None:
 
 
 def log_step_image(image, key: str, step: int) -> None:
-    """An image logged twice: under ``key`` at ``step`` (the run's image slider in Model metrics) and as the
-    artifact ``KEY/step_NNNNNN.png`` (a stable name: the Artifacts tab lists it, Compare matches it across runs)."""
+    """An image logged three times: under ``key`` at ``step`` (the run's image slider in Model metrics), as the
+    artifact ``KEY/step_NNNNNN.png`` (a stable name the Artifacts tab lists) and as ``KEY.png``, the latest, at the
+    top level: MLflow's Compare view shows only top-level files common to the runs, side by side."""
     import mlflow
 
     mlflow.log_image(image, key=key, step=step)
     mlflow.log_image(image, f"{key}/step_{step:06d}.png")
+    mlflow.log_image(image, f"{key}.png")
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ def test_artifacts_of_each_stage(chain):
     # step 0 (the untrained model) too: MLflow's image card opens its slider at step 0
     assert listing("transformer", "samples") == {f"samples/step_00000{i}.png" for i in range(3)}
     assert image_steps(chain["transformer"], "samples") == [0, 1, 2]
+    assert "samples.png" in listing("transformer")  # the latest, at the top level, where Compare looks
     history = client.get_metric_history(chain["transformer"], "val/bits_per_token")
     assert [m.step for m in history] == [1, 2]
     assert {"samples/codes.npy", "samples/logprob.npy", "samples/generation.gif"} <= listing("generate", "samples")

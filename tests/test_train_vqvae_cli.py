@@ -21,7 +21,7 @@ def artifact_paths(run_id: str, path: str = "") -> list[str]:
     return [a.path for a in client().list_artifacts(run_id, path)]
 
 
-def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run):
+def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run, tmp_path):
     run = client().get_run(vqvae_run)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "vqvae" and "upstream_run_id" not in run.data.tags
@@ -37,6 +37,11 @@ def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run):
                                                             "reconstructions/step_000002.png",
                                                             "reconstructions/step_000004.png"]
     assert image_steps(vqvae_run, "reconstructions") == [0, 2, 4]
+    # the latest at the top level: MLflow's Compare view matches only top-level files across runs
+    assert [p for p in artifact_paths(vqvae_run) if "." in p] == ["reconstructions.png"]
+    latest, last = (open(client().download_artifacts(vqvae_run, p, str(tmp_path)), "rb").read()
+                    for p in ("reconstructions.png", "reconstructions/step_000004.png"))
+    assert latest == last
     # a constant learning rate is a param, not a flat chart: logged while the warm-up (20 steps) schedules it
     assert [m.step for m in client().get_metric_history(vqvae_run, "train/lr")] == [1, 2, 3, 4]
     assert run.inputs.dataset_inputs, "manifest recorded with log_input"
