@@ -207,9 +207,15 @@ def data_name(manifest: str | Path) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
 
 
+def run_page(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, relative to its root, in MLflow 3's "Model training" view: without
+    ``workflowType`` a page opened afresh (a description's links open a new tab) shows the GenAI navigation."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_link(run) -> str:
     """A markdown link to a run that works inside the MLflow UI."""
-    return f"[{run.info.run_name or run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+    return f"[{run.info.run_name or run.info.run_id}]({run_page(run.info.experiment_id, run.info.run_id)})"
 
 
 def command_line(command: str, cfg: Any) -> str:

@@ -49,7 +49,7 @@ def test_pipeline_parent_holds_its_stages_as_nested_children(pipeline_runs):
     assert {"grid.png", "pipeline_settings.json", "pipeline.toml"} <= artifacts
     note = parent.data.tags["mlflow.note.content"]
     for section in SECTIONS:  # every stage linked, by ID
-        assert f"/runs/{pipeline_runs[section].info.run_id})" in note
+        assert f"/runs/{pipeline_runs[section].info.run_id}?workflowType=machine_learning)" in note
 
 
 def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs):
@@ -57,7 +57,8 @@ def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs
         run, up = pipeline_runs[section], pipeline_runs[prev]
         assert run.data.tags["upstream_run_id"] == up.info.run_id  # the contract tag stays
         note = run.data.tags["mlflow.note.content"]
-        assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id})" in note, note
+        # in the "Model training" view: a link opens a new tab, which would show MLflow 3's GenAI navigation
+        assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id}?workflowType=machine_learning)" in note
         assert re.search(rf"python cli.py {'train' if section == 'train' else section} ", note), note
     note = pipeline_runs["vqvae"].data.tags["mlflow.note.content"]
     assert "python cli.py train-vqvae \\\n    --manifest" in note
@@ -148,7 +149,7 @@ def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
         assert res.exit_code == 0, res.output
         run = client.get_run(last_line(res.stdout))
         assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == name
-        assert f"/runs/{vq})" in run.data.tags["mlflow.note.content"]
+        assert f"/runs/{vq}?workflowType=machine_learning)" in run.data.tags["mlflow.note.content"]
     # --resume and --init-from take model references too
     res = invoke("train-vqvae", "--resume", "models:/ux-tok@prod", "--max-steps", "3")
     assert res.exit_code == 0 and last_line(res.stdout) == vq, res.output
