@@ -207,9 +207,15 @@ def data_name(manifest: str | Path) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
 
 
+def run_page(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, relative to its root, in MLflow 3's "Model training" view: without
+    ``workflowType`` a page opened afresh (a description's links open a new tab) shows the GenAI navigation."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_link(run) -> str:
     """A markdown link to a run that works inside the MLflow UI."""
-    return f"[{run.info.run_name or run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+    return f"[{run.info.run_name or run.info.run_id}]({run_page(run.info.experiment_id, run.info.run_id)})"
 
 
 def command_line(command: str, cfg: Any) -> str:
@@ -431,12 +437,14 @@ def log_manifest(df, source: str, context: str) -> None:
 
 
 def log_step_image(image, key: str, step: int) -> None:
-    """An image logged twice: under ``key`` at ``step`` (the run's image slider in Model metrics) and as the
-    artifact ``KEY/step_NNNNNN.png`` (a stable name: the Artifacts tab lists it, Compare matches it across runs)."""
+    """An image logged three times: under ``key`` at ``step`` (the run's image slider in Model metrics), as the
+    artifact ``KEY/step_NNNNNN.png`` (a stable name the Artifacts tab lists) and as ``KEY.png``, the latest, at the
+    top level: MLflow's Compare view shows only top-level files common to the runs, side by side."""
     import mlflow
 
     mlflow.log_image(image, key=key, step=step)
     mlflow.log_image(image, f"{key}/step_{step:06d}.png")
+    mlflow.log_image(image, f"{key}.png")
 
 
 @contextlib.contextmanager

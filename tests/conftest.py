@@ -103,6 +103,15 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1].strip()
 
 
+def image_steps(run_id: str, key: str) -> list[int]:
+    """The steps of the run's ``log_image(key=, step=)`` images: the marks of its image card's slider in the UI."""
+    import mlflow
+
+    paths = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "images")]
+    return sorted(int(m[1]) for p in paths if p.endswith(".png")
+                  and (m := re.match(rf"images/{re.escape(key)}[+%]step[+%](\d+)[+%]", p)))
+
+
 def error_line(stderr: str) -> str:
     """A failed command's one-line error: stderr holds nothing else but progress bars and MLflow's own logs."""
     assert "Traceback" not in stderr, stderr[-3000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_VQ, invoke, last_line, run_cli
+from conftest import TINY_VQ, image_steps, invoke, last_line, run_cli
 
 TINY_GPT = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8", "--max-steps", "2",
             "--val-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--log-every", "1", "--window-size", "3"]
@@ -51,7 +51,10 @@ def test_artifacts_of_each_stage(chain):
     assert train_codes.dtype == np.uint16 and train_codes.shape[1:] == (8, 8)
     assert "checkpoints/latest.json" in listing("transformer", "checkpoints")
     assert any("samples" in p for p in listing("transformer", "images"))
-    assert listing("transformer", "samples") == {"samples/step_000001.png", "samples/step_000002.png"}
+    # step 0 (the untrained model) too: MLflow's image card opens its slider at step 0
+    assert listing("transformer", "samples") == {f"samples/step_00000{i}.png" for i in range(3)}
+    assert image_steps(chain["transformer"], "samples") == [0, 1, 2]
+    assert "samples.png" in listing("transformer")  # the latest, at the top level, where Compare looks
     history = client.get_metric_history(chain["transformer"], "val/bits_per_token")
     assert [m.step for m in history] == [1, 2]
     assert {"samples/codes.npy", "samples/logprob.npy", "samples/generation.gif"} <= listing("generate", "samples")

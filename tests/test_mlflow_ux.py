@@ -49,7 +49,7 @@ def test_pipeline_parent_holds_its_stages_as_nested_children(pipeline_runs):
     assert {"grid.png", "pipeline_settings.json", "pipeline.toml"} <= artifacts
     note = parent.data.tags["mlflow.note.content"]
     for section in SECTIONS:  # every stage linked, by ID
-        assert f"/runs/{pipeline_runs[section].info.run_id})" in note
+        assert f"/runs/{pipeline_runs[section].info.run_id}?workflowType=machine_learning)" in note
 
 
 def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs):
@@ -57,7 +57,8 @@ def test_each_description_links_its_upstream_run_and_reproduces_it(pipeline_runs
         run, up = pipeline_runs[section], pipeline_runs[prev]
         assert run.data.tags["upstream_run_id"] == up.info.run_id  # the contract tag stays
         note = run.data.tags["mlflow.note.content"]
-        assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id})" in note, note
+        # in the "Model training" view: a link opens a new tab, which would show MLflow 3's GenAI navigation
+        assert f"(#/experiments/{up.info.experiment_id}/runs/{up.info.run_id}?workflowType=machine_learning)" in note
         assert re.search(rf"python cli.py {'train' if section == 'train' else section} ", note), note
     note = pipeline_runs["vqvae"].data.tags["mlflow.note.content"]
     assert "python cli.py train-vqvae \\\n    --manifest" in note
@@ -149,7 +150,7 @@ def test_register_then_pass_models_uri_to_a_stage(tracking_dir, dataset):
         assert res.exit_code == 0, res.output
         run = client.get_run(last_line(res.stdout))
         assert run.data.tags["upstream_run_id"] == vq and run.info.run_name == name
-        assert f"/runs/{vq})" in run.data.tags["mlflow.note.content"]
+        assert f"/runs/{vq}?workflowType=machine_learning)" in run.data.tags["mlflow.note.content"]
     # --resume and --init-from take model references too
     res = invoke("train-vqvae", "--resume", "models:/ux-tok@prod", "--max-steps", "3")
     assert res.exit_code == 0 and last_line(res.stdout) == vq, res.output
@@ -210,6 +211,16 @@ def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, datase
     # the learning rate is charted while the warm-up schedules it (and the first step at the peak), not after
     lr = client.get_metric_history(runs["--system-metrics"].info.run_id, "train/lr")
     assert [(m.step, m.value) for m in lr] == [(1, 1.5e-4), (2, 3e-4), (3, 3e-4)]
+
+
+def test_no_lr_chart_when_the_warmup_fits_in_one_logging_interval(tracking_dir, dataset):
+    # the demo's tokenizer (warm-up 20, log every 20) charted two points at the peak: a flat line the UI reads as 0
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "4", "--lr-warmup-steps", "2",
+                 "--log-every", "2", "--no-system-metrics", "--experiment", "ux-lr")
+    assert res.exit_code == 0, res.output
+    run = mlflow.MlflowClient().get_run(last_line(res.stdout))
+    assert "train/lr" not in run.data.metrics and "train/total_loss" in run.data.metrics
+    assert run.data.params["lr_warmup_steps"] == "2"  # the schedule stays readable as params
 
 
 def test_unknown_model_reference_is_a_one_line_error(tracking_dir):

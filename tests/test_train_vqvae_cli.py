@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_VQ, invoke, last_line, make_image_set, run_cli
+from conftest import TINY_VQ, image_steps, invoke, last_line, make_image_set, run_cli
 from core.images import load_rgb
 
 
@@ -21,7 +21,7 @@ def artifact_paths(run_id: str, path: str = "") -> list[str]:
     return [a.path for a in client().list_artifacts(run_id, path)]
 
 
-def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run):
+def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run, tmp_path):
     run = client().get_run(vqvae_run)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "vqvae" and "upstream_run_id" not in run.data.tags
@@ -32,8 +32,16 @@ def test_run_holds_params_metrics_checkpoint_and_images(vqvae_run):
     assert "checkpoints/latest.json" in artifact_paths(vqvae_run, "checkpoints")
     assert any("reconstructions" in p for p in artifact_paths(vqvae_run, "images"))  # the image slider's
     # and under stable names, one per validation step: what the Artifacts tab lists and Compare matches
-    assert artifact_paths(vqvae_run, "reconstructions") == ["reconstructions/step_000002.png",
+    # step 0 (the starting weights) too: MLflow's image card opens its slider at step 0
+    assert artifact_paths(vqvae_run, "reconstructions") == ["reconstructions/step_000000.png",
+                                                            "reconstructions/step_000002.png",
                                                             "reconstructions/step_000004.png"]
+    assert image_steps(vqvae_run, "reconstructions") == [0, 2, 4]
+    # the latest at the top level: MLflow's Compare view matches only top-level files across runs
+    assert [p for p in artifact_paths(vqvae_run) if "." in p] == ["reconstructions.png"]
+    latest, last = (open(client().download_artifacts(vqvae_run, p, str(tmp_path)), "rb").read()
+                    for p in ("reconstructions.png", "reconstructions/step_000004.png"))
+    assert latest == last
     # a constant learning rate is a param, not a flat chart: logged while the warm-up (20 steps) schedules it
     assert [m.step for m in client().get_metric_history(vqvae_run, "train/lr")] == [1, 2, 3, 4]
     assert run.inputs.dataset_inputs, "manifest recorded with log_input"

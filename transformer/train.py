@@ -191,6 +191,10 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train")
         last_train_loss = None
         with loop.running():
+            # the untrained model's samples at step 0: the baseline, and what MLflow's image card shows first (its
+            # step slider opens at 0); only where several grids are logged (--sample-every 0: one, at the end)
+            if rt.is_main and step == 0 and 0 < cfg.sample_every < cfg.max_steps:
+                log_samples(ema.module, data, tokenizer, 0, cfg.seed)
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step

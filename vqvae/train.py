@@ -67,6 +67,18 @@ def validate(model: VQModel, loss_fn: VQGANLoss, loader: DataLoader, rt: Runtime
     return metrics
 
 
+@torch.no_grad()
+def log_first_reconstructions(model: VQModel, loader: DataLoader, rt: Runtime) -> None:
+    """The reconstruction grid of the weights training starts from, at step 0: the baseline the later grids
+    improve on, and what MLflow's image card shows first (its step slider opens at 0)."""
+    model.eval()
+    x = next(iter(loader))[0][:8].to(rt.device)
+    with rt.autocast():
+        xrec = model(x)[0]
+    model.train()
+    log_step_image(comparison_grid(x.cpu(), xrec.float().clamp(-1, 1).cpu()), "reconstructions", 0)
+
+
 def active_terms(logs: dict[str, float], cfg: VQConfig, step: int) -> dict[str, float]:
     """The loss terms that mean something at ``step``: no flat zeros for switched-off parts, no duplicates."""
     off = set()
@@ -194,6 +206,8 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
 
         loop = TrainLoop(cfg, rt, run, snapshot, step, slot, "train-vqvae")
         with loop.running(loader, val_loader):
+            if rt.is_main and step == 0 and cfg.val_every < cfg.max_steps:  # several grids: a slider to open at 0
+                log_first_reconstructions(ema.module, val_loader, rt)
             while loop.step < cfg.max_steps:
                 loop.begin_step()
                 step = loop.step
@@ -243,7 +257,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
                     metrics.update({"train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
-                    if step < cfg.lr_warmup_steps + cfg.log_every:  # a constant lr is a param, not a flat chart
+                    # a constant lr is a param, not a flat chart: charted only while the warm-up ramps it, and
+                    # only when the ramp spans several logs (else the chart is a flat line at the peak, read as 0)
+                    if cfg.lr_warmup_steps > cfg.log_every and step < cfg.lr_warmup_steps + cfg.log_every:
                         metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
                     check_codebook(cfg, loop.step, metrics, model.quantizer.window_steps)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.tracking import download, run_name_option, with_tracking_options
+from core.tracking import download, run_name_option, run_page, with_tracking_options
 from workflows.pipeline import register_models, register_option, run_pipeline
 
 IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (bicubic); benchmarks/demo_quality.py undoes it with a 4x4 box
@@ -81,7 +81,7 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the UI (`mlflow ui` serves on port 5000), in MLflow 3's "Model training" view rather
     than the GenAI overview it opens on."""
     base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/{run_page(experiment_id, run_id)}"
 
 
 @click.command("demo")
