@@ -21,10 +21,10 @@ from core.data import ImageDataset, read_manifest
 from core.errors import UserError
 from core.images import to_uint8
 from core.tracking import data_name, download, find_upstream, get_run
+from vqvae.decode import SAMPLES_ARTIFACT
 from vqvae.tokenizer import load_tokenizer
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's feature extractor of the published FID/IS numbers
-SAMPLES_ARTIFACT = "samples/codes.npy"
 
 
 class UInt8Images(Dataset):
