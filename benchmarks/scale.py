@@ -1,13 +1,15 @@
 """How the stages' memory and time grow with the data: peak RSS and wall time of
 
-- quantize: 1k vs 20k 64-px images (a tiny tokenizer: the model is not what grows);
+- quantize: 1k vs 20k 64-px images into 16x16 grids (a tiny f=4 tokenizer: the model is not what grows);
 - train start-up (``--max-steps 2``, 2 layers x 64): quantize runs of 10k / 100k / 1M random 16x16 grids;
 - generate: 300 vs 3000 samples of the tiny transformer;
 
 each in its own process (peak RSS from ``wait4``), printed side by side with the ratio to the smallest case and
-the growth in bytes per stored code ((RSS - RSS of the smallest) / (codes - codes of the smallest)).
+the growth in bytes per stored code ((RSS - RSS of the smallest) / (codes - codes of the smallest)). The peak of
+one run moves by tens of MB with where the C heap happens to place the model's activations, so quantize and
+generate run ``--repeats`` times (interleaved) and the median is printed.
 
-    nice -n 10 python benchmarks/scale.py [--quick]
+    nice -n 10 python benchmarks/scale.py [--quick] [--repeats N]
 
 ``--quick`` (the smoke test): 200 / 1000 images, 2k / 20k grids, 30 / 150 samples. The 1M-grid run writes ~0.5 GB
 of codes (twice: the run's artifact and its download) to a temp folder, removed at the end.
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +30,7 @@ import numpy as np
 
 from common import ROOT, image_set, scratch_tracking
 
-TINY_VQ = ["--image-size", "64", "--ch", "16", "--ch-mult", "1,1,2,2", "--num-res-blocks", "1", "--z-channels", "8",
+TINY_VQ = ["--image-size", "64", "--ch", "16", "--ch-mult", "1,2,2", "--num-res-blocks", "1", "--z-channels", "8",
            "--embed-dim", "8", "--codebook-size", "1024", "--perceptual-weight", "0", "--batch-size", "4",
            "--max-steps", "1", "--disc-start", "100", "--val-every", "100", "--ckpt-every", "100", "--num-workers", "0"]
 GPT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--batch-size", "16", "--max-steps", "2",
@@ -68,6 +71,17 @@ def case(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_cases(cases: dict, repeats: int) -> dict:
+    """{key: measurement} of ``cases`` ({key: cli args}), each run ``repeats`` times, interleaved: the median peak
+    RSS and wall time of each (its first run's last stdout line)."""
+    runs: dict = {key: [] for key in cases}
+    for _ in range(repeats):
+        for key, args in cases.items():
+            runs[key].append(case(*args))
+    return {key: {"rss": statistics.median(m["rss"] for m in ms), "wall": statistics.median(m["wall"] for m in ms),
+                  "last": ms[0]["last"], "all_rss": [m["rss"] for m in ms]} for key, ms in runs.items()}
+
+
 def fake_quantize_run(vqvae_run: str, n: int, grid: int = 16, codebook: int = 1024, seed: int = 0) -> str:
     """A quantize run holding ``n`` random grids (written as quantize writes them, a chunk at a time)."""
     import mlflow
@@ -99,17 +113,20 @@ def fake_quantize_run(vqvae_run: str, n: int, grid: int = 16, codebook: int = 10
 def table(title: str, rows: list[tuple[str, int, dict]]) -> None:
     """Rows (label, stored codes, measurement): RSS, wall, ratio to the first row, bytes per extra code."""
     print(f"\n{title}")
-    print(f"{'case':>14} {'codes':>12} {'peak RSS MB':>12} {'x first':>8} {'B/extra code':>13} {'wall s':>8}")
+    print(f"{'case':>14} {'codes':>12} {'peak RSS MB':>12} {'x first':>8} {'B/extra code':>13} {'wall s':>8}"
+          "  runs (MB)")
     base_label, base_codes, base = rows[0]
     for label, codes, m in rows:
         growth = (m["rss"] - base["rss"]) / (codes - base_codes) if codes != base_codes else 0.0
+        runs = " ".join(f"{r / 2**20:.0f}" for r in m.get("all_rss", [m["rss"]]))
         print(f"{label:>14} {codes:>12,} {m['rss'] / 2**20:>12.0f} {m['rss'] / base['rss']:>8.2f} {growth:>13.2f} "
-              f"{m['wall']:>8.1f}")
+              f"{m['wall']:>8.1f}  {runs}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each quantize and generate case (median)")
     args = parser.parse_args()
     images = (200, 1000) if args.quick else (1000, 20000)
     grids = (2000, 20000) if args.quick else (10_000, 100_000, 1_000_000)
@@ -121,8 +138,9 @@ def main() -> None:
         manifests = {n: image_set(work / f"img{n}", n, 64, seed=n) for n in images}
         first = manifests[images[0]]
         vq = case("train-vqvae", "--manifest", first, *TINY_VQ)["last"]
-        runs = [(n, case("quantize", "--vqvae-run-id", vq, "--manifest", manifests[n], "--num-workers", "0",
-                          "--batch-size", "64")) for n in images]
+        runs = median_cases({n: ("quantize", "--vqvae-run-id", vq, "--manifest", manifests[n], "--num-workers", "0",
+                                  "--batch-size", "64") for n in images}, 1 if args.quick else args.repeats)
+        runs = list(runs.items())
         import mlflow
 
         shape = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[0][1]["last"],
@@ -139,10 +157,9 @@ def main() -> None:
             rows.append((f"{n:,} grids", n * 256, m))
         table("train start-up (--max-steps 2, 2 layers x 64, 16x16 grids)", rows)
 
-        rows = []
-        for n in samples:
-            m = case("generate", "--transformer-run-id", gpt, "--num-samples", n, "--batch-size", "64")
-            rows.append((f"{n} samples", n * 256, m))
+        gen = median_cases({n: ("generate", "--transformer-run-id", gpt, "--num-samples", n, "--batch-size", "64")
+                            for n in samples}, 1 if args.quick else args.repeats)
+        rows = [(f"{n} samples", n * 256, m) for n, m in gen.items()]
         table("generate (tiny transformer, 16x16 grids, batch 64)", rows)
     finally:
         os.chdir(ROOT)

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 import pandas as pd
 
-from core.data import hash_split
+from core.data import check_images, hash_split
 from core.errors import UserError
-from core.images import check_image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SHOW_SKIPPED = 5  # names of skipped files listed in the report
@@ -33,8 +31,7 @@ def build_manifest(root: str | Path, out: str | Path, labels_from_folders: bool 
     files = find_images(root)
     if not files:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    with ThreadPoolExecutor(8) as pool:
-        reasons = list(pool.map(check_image, files))
+    reasons = check_images(files)
     base = Path(out).resolve().parent
     rows, skipped = [], []
     for path, reason in zip(files, reasons):

@@ -74,6 +74,12 @@ def test_codes_round_trip_through_decode(chain, dataset):
 
     tok = load_tokenizer(chain["vqvae"])
     index = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=chain["quantize"], artifact_path="index.csv"))
+    assert list(index.columns) == ["split", "row", "image_path", "label", "label_id"]
+    assert index.split.tolist() == sorted(index.split)  # train rows, then val rows, each numbered from 0
+    for _, part in index.groupby("split"):
+        assert part.row.tolist() == list(range(len(part)))
+    classes = sorted(index.label.dropna().unique())
+    assert (index.label_id == [classes.index(x) for x in index.label]).all()
     val = index[index.split == "val"].sort_values("row")
     x = torch.stack([ImageDataset(val.image_path.tolist(), 16, train=False)[i][0] for i in range(len(val))])
     codes = torch.from_numpy(np.load(mlflow.artifacts.download_artifacts(

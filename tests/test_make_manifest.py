@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from core.data import read_manifest
-from core.manifest import make_manifest_command
+from core.manifest import build_manifest, make_manifest_command
 
 
 def run(*args) -> Result:
@@ -120,3 +120,26 @@ def test_failed_write_leaves_no_partial_csv(tree: Path, tmp_path: Path, monkeypa
     assert res.exit_code == 1 and "No space left" in res.output
     assert out.read_text() == "image_path\nold.png\n"
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["m.csv"]
+
+
+def test_images_are_checked_a_chunk_at_a_time(tree: Path, tmp_path: Path, monkeypatch) -> None:
+    """A million-image folder must not queue a future per image: the pool gets at most VERIFY_CHUNK at once, and
+    the chunked result is the same manifest, in the same order."""
+    import concurrent.futures
+
+    import core.data
+
+    whole, skipped = build_manifest(tree, tmp_path / "m.csv")
+    sizes = []
+    real_map = concurrent.futures.ThreadPoolExecutor.map
+
+    def recording_map(self, fn, items, *args, **kwargs):
+        sizes.append(len(items))
+        return real_map(self, fn, items, *args, **kwargs)
+
+    monkeypatch.setattr(core.data, "VERIFY_CHUNK", 2)
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "map", recording_map)
+    chunked, skipped_chunked = build_manifest(tree, tmp_path / "m.csv")
+    assert sizes and max(sizes) == 2 and sum(sizes) == len(whole) + len(skipped)
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert skipped_chunked == skipped

@@ -231,3 +231,30 @@ def test_repeated_downloads_do_not_grow_the_temp_folder(quantize_run, tmp_path, 
     assert path == before and len(set(sizes)) == 1
     assert [p.name for p in tmp_path.iterdir()] == [tracking.download_folder().name]
     assert np.array_equal(held, expected)  # replaced by rename: the mapped file is untouched
+
+
+def test_quantize_keeps_only_paths_per_image_while_encoding(vqvae_run, dataset, monkeypatch):
+    """Memory that grows with the dataset while the codes are made: only the image paths. index.csv is written and
+    the manifest frame dropped (and freed memory handed back) before the first image is encoded."""
+    import gc
+
+    import vqvae.quantize as quantize
+
+    events: list[str] = []
+    encode = quantize.encode_split
+    release = quantize.release_free_memory
+
+    def watched_encode(tok, paths, arrays, *args, **kwargs):
+        if not events.count("encode"):
+            index = Path(arrays[0].filename).parents[1] / "index.csv"
+            assert index.is_file() and len(pd.read_csv(index)) > len(paths)
+            frames = [o for o in gc.get_objects() if isinstance(o, pd.DataFrame) and "image_path" in o.columns
+                      and len(o) >= len(paths)]
+            assert not frames, "the manifest frame is still alive while encoding"
+        events.append("encode")
+        return encode(tok, paths, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "encode_split", watched_encode)
+    monkeypatch.setattr(quantize, "release_free_memory", lambda: (events.append("release"), release())[1])
+    quantize_run_with(vqvae_run)
+    assert events == ["release", "encode", "encode"]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.errors import UserError
 from core.options import WORKERS_HELP, Config, build_config, config_options, opt
-from core.runtime import broadcast_from_main, gather_rows, setup_runtime, teardown
+from core.runtime import broadcast_from_main, gather_rows, release_free_memory, setup_runtime, teardown
 from core.tracking import (connect, data_name, get_run, log_manifest, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
 from vqvae.codegrids import CodeGrids
@@ -193,12 +193,17 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                    data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         classes = sorted_classes(df["label"])
         grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
-        df["label_id"] = [classes.index(str(x)) if not pd.isna(x) else -1 for x in df["label"]]
-        parts = {split: df[df.split == split].reset_index(drop=True) for split in ("train", "val")}
+        label_ids = {name: i for i, name in enumerate(classes)}
+        df["label_id"] = df["label"].map(lambda x: label_ids.get(str(x), -1) if not pd.isna(x) else -1)
+        df["row"] = df.groupby("split").cumcount()
+        # the image paths per split are all that encoding needs: the frame is written out (index.csv) and dropped
+        # before any image is encoded, so that nothing per image but its path stays in memory
+        paths = {split: df.loc[df.split == split, "image_path"].tolist() for split in ("train", "val")}
         (run_id,) = broadcast_from_main(rt, run.info.run_id if run else None)
         work = work_folder(run_id) if rt.is_main else None
         out = work / "artifacts" if work else None
         files: dict[str, list[Path]] = {}
+        num_images = len(df)
         if rt.is_main:
             if progress is None:
                 log_manifest(df, str(manifest), "quantize")
@@ -206,7 +211,9 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                 mlflow.set_tag("quantize_work_dir", str(work))
                 progress = {"config": dataclasses.asdict(cfg), "done": {"train": 0, "val": 0}}
                 (out / "codes").mkdir(parents=True, exist_ok=True)
-            for split, part in parts.items():
+            df.sort_values("split", key=lambda s: s.map({"train": 0, "val": 1}), kind="stable")[
+                ["split", "row", "image_path", "label", "label_id"]].to_csv(out / "index.csv", index=False)
+            for split, part in paths.items():
                 names = [f"{split}.npy"] + ([f"{split}_flip.npy"] if cfg.flip and split == "train" else [])
                 files[split] = [out / "codes" / name for name in names]
                 for path in files[split]:
@@ -214,9 +221,11 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                         np.lib.format.open_memmap(path, mode="w+", dtype=grids.code_dtype,
                                                   shape=(len(part), *grids.grid_shape)).flush()
             save_progress(work, progress)
+        del df
+        release_free_memory()
         (progress,) = broadcast_from_main(rt, progress)  # where every rank starts: row counts, small
         t0, encoded = time.perf_counter(), 0
-        for split, part in parts.items():
+        for split, split_paths in paths.items():
             arrays = ([np.lib.format.open_memmap(p, mode="r+") for p in files[split]] if rt.is_main
                       else [None] * (2 if cfg.flip and split == "train" else 1))
 
@@ -226,17 +235,15 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                 progress["done"][split] = done
                 save_progress(work, progress)
 
-            encoded += encode_split(tok, part.image_path.tolist(), arrays, progress["done"][split], cfg, rt, split,
+            encoded += encode_split(tok, split_paths, arrays, progress["done"][split], cfg, rt, split,
                                     on_round)
             del arrays
         elapsed = time.perf_counter() - t0
         if not rt.is_main:
             return ""
-        pd.concat([part.assign(row=np.arange(len(part)))[["split", "row", "image_path", "label", "label_id"]]
-                   for part in parts.values()]).to_csv(out / "index.csv", index=False)
         (out / "vocab.json").write_text(grids.to_json())
         counts, used, ppl = usage_from_files(files["train"][:1] + files["val"], tok.codebook_size)
-        mlflow.log_metrics({"quantize/codebook_usage": used, "quantize/perplexity": ppl, "data/num_images": len(df),
+        mlflow.log_metrics({"quantize/codebook_usage": used, "quantize/perplexity": ppl, "data/num_images": num_images,
                             "data/skipped_images": skipped,
                             "quantize/images_per_sec": encoded / max(elapsed, 1e-9)})
         fig = usage_figure(counts)
