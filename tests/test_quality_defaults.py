@@ -56,6 +56,7 @@ def test_default_guidance_applies_to_conditional_models_only(tracking_dir, datas
     from conftest import TINY_GPT, invoke, last_line
 
     from transformer.generate import DEFAULT_CFG_SCALE
+    from transformer.sample import top_k_for
     unlabelled = tmp_path / "unlabelled.csv"
     df = pd.read_csv(dataset).drop(columns="label")
     df.assign(image_path=[str(dataset.parent / p) for p in df.image_path]).to_csv(unlabelled, index=False)
@@ -70,5 +71,8 @@ def test_default_guidance_applies_to_conditional_models_only(tracking_dir, datas
         run_ids[name] = last_line(res.stdout)
     from core.tracking import download
 
-    used = {k: json.loads(download(r, "settings.json").read_text())["cfg_scale"] for k, r in run_ids.items()}
+    settings = {k: json.loads(download(r, "settings.json").read_text()) for k, r in run_ids.items()}
+    used = {k: s["cfg_scale"] for k, s in settings.items()}
     assert used == {"conditional": DEFAULT_CFG_SCALE, "unconditional": 1.0} and DEFAULT_CFG_SCALE > 1
+    # the top-k a run sampled with is recorded: the default share of this 32-code book is its floor, 5
+    assert {s["top_k"] for s in settings.values()} == {top_k_for(None, 32)} == {5}

@@ -189,3 +189,12 @@ def test_model_mode_restored():
     generate(model, 1)
     assert model.training
     assert math.isfinite(generate(model, 1, temperature=0.5)[1].item())
+
+
+def test_default_top_k_is_a_share_of_the_codebook():
+    """2% of the codebook, never below 5 (the measured default at 128-256 codes, and never greedy decoding);
+    0 means no filter; an explicit k is kept."""
+    from transformer.sample import top_k_for
+
+    assert [top_k_for(None, k) for k in (2, 32, 128, 256, 1024, 8192, 16384)] == [5, 5, 5, 5, 20, 164, 328]
+    assert top_k_for(0, 1024) is None and top_k_for(7, 16384) == 7

@@ -126,3 +126,32 @@ def test_served_generator_honours_precision(tmp_path, monkeypatch):
     with pytest.raises(MlflowException, match="precision must be one of fp32, bf16, fp16"):
         pyfunc_model.GeneratorModel().load_context(types.SimpleNamespace(artifacts=artifacts,
                                                                          model_config={"precision": "fp8"}))
+
+
+def test_served_generator_default_top_k_scales_with_the_codebook(tmp_path, monkeypatch):
+    """A request without top_k samples with the share of the model's codebook that `generate` uses (20 of 1024
+    codes), 0 turns the filter off, and an explicit value is kept."""
+    import dataclasses
+    import types
+
+    import pandas as pd
+    import torch
+
+    from core.weights import save_weights
+    from transformer import pyfunc_model
+    from transformer.model import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig(1024, 0, (2, 2), n_layer=1, n_head=2, n_embd=16, window_size=0))
+    save_weights(tmp_path / "gen", gpt.state_dict(), pyfunc_model.KIND, dataclasses.asdict(gpt.config))
+    monkeypatch.setattr(pyfunc_model.Vocab, "load", staticmethod(lambda path: types.SimpleNamespace(num_classes=0)))
+    tokenizer = types.SimpleNamespace(decode_indices=lambda codes: torch.zeros(len(codes), 3, 8, 8))
+    monkeypatch.setattr(pyfunc_model, "load_tokenizer_folder", lambda folder, device: (tokenizer, None))
+    used = []
+    real = pyfunc_model.generate
+    monkeypatch.setattr(pyfunc_model, "generate", lambda *a, **kw: (used.append(kw["top_k"]), real(*a, **kw))[1])
+    model = pyfunc_model.GeneratorModel()
+    model.load_context(types.SimpleNamespace(artifacts={"generator": str(tmp_path / "gen"), "tokenizer": "-"},
+                                             model_config=None))
+    for row in ({"num_samples": 1}, {"num_samples": 1, "top_k": 0}, {"num_samples": 1, "top_k": 7}):
+        model.predict(None, pd.DataFrame([row]))
+    assert used == [20, None, 7]

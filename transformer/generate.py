@@ -28,7 +28,8 @@ from core.tracking import (artifact_folder, connect, download, find_upstream, ge
                            stage_run, with_tracking_options)
 from core.weights import LAST_MODEL_DIR, MODEL_DIR, load_model_weights
 from transformer.model import GPT, GPTConfig
-from transformer.sample import DEFAULT_CFG_SCALE, DEFAULT_TOP_K, PRECISIONS, generate, guidance_scale
+from transformer.sample import (DEFAULT_CFG_SCALE, DEFAULT_TOP_K, DEFAULT_TOP_K_SHARE, PRECISIONS, generate,
+                               guidance_scale, top_k_for)
 from transformer.vocab import Vocab
 
 
@@ -43,8 +44,9 @@ class GenerateConfig(Config):
                                        f"1 = off. Default: {DEFAULT_CFG_SCALE:g} for class-conditional models, off "
                                        "for unconditional ones.", ge=0)
     temperature: float = opt(1.0, "Softmax temperature.", gt=0)
-    # 10-20 read best on digits (cfg 3: none 49%, k=50 43%, k=20 56%, k=10 60% of samples as the class asked for)
-    top_k: int = opt(DEFAULT_TOP_K, "Keep the k most likely codes (0: all).", ge=0)
+    top_k: int | None = opt(None, "Keep the k most likely codes (0: all). Default: "
+                                  f"{DEFAULT_TOP_K_SHARE:.0%} of the codebook, at least {DEFAULT_TOP_K} (20 of 1024 "
+                                  "codes).", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of codes with this probability mass.", gt=0, le=1)
     seed: int = opt(0, "Random seed: the same seed and --batch-size give the same samples, with any number of "
                        "torchrun processes (each batch is seeded from the seed and its first sample's number).", ge=0)
@@ -162,7 +164,7 @@ def batch_seed(seed: int, first: int) -> int:
 
 def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None, cfg: GenerateConfig, rt,
                 grid: tuple[int, int], labels: torch.Tensor | None, context: torch.Tensor | None,
-                cfg_scale: float) -> None:
+                cfg_scale: float, top_k: int | None) -> None:
     """Sample ``cfg.num_samples`` grids batch by batch, each batch seeded by `batch_seed`; under torchrun rank r
     makes batches r, r+W, ...: each round rank 0 gathers the ranks' batches (fixed-size tensors) and writes them
     into the memory-mapped ``codes``/``logprob`` (None on the other ranks). Memory stays that of a round."""
@@ -176,7 +178,7 @@ def sample_into(model: GPT, codes: np.ndarray | None, logprob: np.ndarray | None
             if hi > lo:  # a rank past the end sends padding
                 try:
                     c, l = generate(model, hi - lo, grid_shape=grid, labels=None if labels is None else labels[lo:hi],
-                                    cfg_scale=cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                    cfg_scale=cfg_scale, temperature=cfg.temperature, top_k=top_k,
                                     top_p=cfg.top_p, seed=batch_seed(cfg.seed, lo),
                                     context=None if context is None else context[lo:hi], best_of=cfg.best_of,
                                     batch_size=bs, use_cache=cfg.cache, compile=cfg.compile)
@@ -212,11 +214,12 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
     grid = cfg.grid(vocab.grid_shape)
     labels, names = sample_labels(cfg, vocab)
     cfg_scale = guidance_scale(cfg.cfg_scale, labels is not None)
+    top_k = top_k_for(cfg.top_k, model.config.codebook_size)
     vqvae_run_id = find_upstream(cfg.transformer_run_id, "vqvae").info.run_id
     tokenizer = load_tokenizer(vqvae_run_id, rt.device)
     context = context_codes(cfg, tokenizer, grid) if cfg.context_image else None
     if not rt.is_main:
-        sample_into(model, None, None, cfg, rt, grid, labels, context, cfg_scale)
+        sample_into(model, None, None, cfg, rt, grid, labels, context, cfg_scale, top_k)
         return ""
     with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, upstream_stage="transformer",
                    name=run_name_parts(cfg)) as run:
@@ -227,11 +230,11 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
                                               shape=(cfg.num_samples, *grid))
             logprob = np.lib.format.open_memmap(out / "samples" / "logprob.npy", mode="w+", dtype=np.float32,
                                                 shape=(cfg.num_samples,))
-            sample_into(model, codes, logprob, cfg, rt, grid, labels, context, cfg_scale)
+            sample_into(model, codes, logprob, cfg, rt, grid, labels, context, cfg_scale, top_k)
             codes.flush()
             logprob.flush()
-            settings = {**asdict(cfg), "cfg_scale": cfg_scale, "grid_shape": list(grid), "sample_labels": names,
-                        "vqvae_run_id": vqvae_run_id}
+            settings = {**asdict(cfg), "cfg_scale": cfg_scale, "top_k": top_k or 0, "grid_shape": list(grid),
+                        "sample_labels": names, "vqvae_run_id": vqvae_run_id}
             (out / "settings.json").write_text(json.dumps(settings, indent=2))
             if cfg.gif:
                 generation_gif(torch.from_numpy(codes[:16].astype(np.int64)), tokenizer,

@@ -31,7 +31,7 @@ from core.images import to_pil
 from core.mlflow_models import log_pyfunc, png_base64
 from core.weights import load_weights_folder, save_weights
 from transformer.model import GPT, GPTConfig
-from transformer.sample import DEFAULT_TOP_K, PRECISIONS, generate, guidance_scale
+from transformer.sample import PRECISIONS, generate, guidance_scale, top_k_for
 from transformer.vocab import Vocab
 from vqvae.pyfunc_model import load_tokenizer_folder, write_tokenizer_folder
 
@@ -39,7 +39,7 @@ KIND = "transformer"
 VOCAB_FILE = "vocab.json"
 MAX_SAMPLES = 256  # per request row: a served model must not be asked for unbounded work
 OPTIONS = {"label": ("string", None), "num_samples": ("long", 1), "seed": ("long", 0), "temperature": ("double", 1.0),
-           "top_k": ("long", DEFAULT_TOP_K), "top_p": ("double", 1.0),
+           "top_k": ("long", None), "top_p": ("double", 1.0),  # top_k None: a share of the codebook (top_k_for)
            "cfg_scale": ("double", None)}  # None: the default for conditional models, off for unconditional ones
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(kind, name, required=False) for name, (kind, _) in OPTIONS.items()]),
@@ -86,7 +86,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         try:
             codes, _ = generate(self.gpt, int(num_samples), labels=labels,
                                 cfg_scale=guidance_scale(cfg_scale, labels is not None),
-                                temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p),
+                                temperature=float(temperature), top_p=float(top_p),
+                                top_k=top_k_for(None if top_k is None else int(top_k), self.gpt.config.codebook_size),
                                 seed=int(seed))
         except ValueError as exc:  # out-of-range sampling options
             raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
