@@ -9,7 +9,8 @@ the growth in bytes per stored code ((RSS - RSS of the smallest) / (codes - code
 one run moves by tens of MB with where the C heap happens to place the model's activations, so quantize and
 generate run ``--repeats`` times (interleaved) and the median is printed.
 
-    nice -n 10 python benchmarks/scale.py [--quick] [--repeats N]
+    nice -n 10 python benchmarks/scale.py [--quick] [--repeats N] [--stages quantize,train,generate]
+                                          [--fixed-mmap-threshold]
 
 ``--quick`` (the smoke test): 200 / 1000 images, 2k / 20k grids, 30 / 150 samples. The 1M-grid run writes ~0.5 GB
 of codes (twice: the run's artifact and its download) to a temp folder, removed at the end.
@@ -127,7 +128,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each quantize and generate case (median)")
+    parser.add_argument("--stages", default="quantize,train,generate", help="comma-separated stages to measure")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="run the stages with glibc's mmap threshold fixed at 128 KB (MALLOC_MMAP_THRESHOLD_): "
+                             "large buffers then always come from mmap, and the peak stops depending on where the heap "
+                             "happened to put them, leaving the growth that the data itself causes")
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
+    if args.fixed_mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # inherited by every stage process (measure passes os.environ)
     images = (200, 1000) if args.quick else (1000, 20000)
     grids = (2000, 20000) if args.quick else (10_000, 100_000, 1_000_000)
     samples = (30, 150) if args.quick else (300, 3000)
@@ -138,29 +147,31 @@ def main() -> None:
         manifests = {n: image_set(work / f"img{n}", n, 64, seed=n) for n in images}
         first = manifests[images[0]]
         vq = case("train-vqvae", "--manifest", first, *TINY_VQ)["last"]
-        runs = median_cases({n: ("quantize", "--vqvae-run-id", vq, "--manifest", manifests[n], "--num-workers", "0",
-                                  "--batch-size", "64") for n in images}, 1 if args.quick else args.repeats)
-        runs = list(runs.items())
         import mlflow
 
-        shape = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[0][1]["last"],
-                                                                    artifact_path="vocab.json")).read_text())
-        per = shape["grid_shape"][0] * shape["grid_shape"][1]  # codes per image
-        rows = [(f"{n} images", n * per, m) for n, m in runs]
-        table(f"quantize ({per} codes per 64-px image, tiny tokenizer)", rows)
+        if "quantize" in stages:
+            runs = median_cases({n: ("quantize", "--vqvae-run-id", vq, "--manifest", manifests[n], "--num-workers",
+                                     "0", "--batch-size", "64") for n in images}, 1 if args.quick else args.repeats)
+            shape = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[images[0]]["last"],
+                                                                        artifact_path="vocab.json")).read_text())
+            per = shape["grid_shape"][0] * shape["grid_shape"][1]  # codes per image
+            table(f"quantize ({per} codes per 64-px image, tiny tokenizer)",
+                  [(f"{n} images", n * per, m) for n, m in runs.items()])
 
         rows, gpt = [], None
-        for n in grids:
+        for n in grids if "train" in stages else grids[:1] if "generate" in stages else ():
             q = fake_quantize_run(vq, n)
             m = case("train", "--quantize-run-id", q, *GPT)
             gpt = gpt or m["last"]
             rows.append((f"{n:,} grids", n * 256, m))
-        table("train start-up (--max-steps 2, 2 layers x 64, 16x16 grids)", rows)
+        if "train" in stages:
+            table("train start-up (--max-steps 2, 2 layers x 64, 16x16 grids)", rows)
 
-        gen = median_cases({n: ("generate", "--transformer-run-id", gpt, "--num-samples", n, "--batch-size", "64")
-                            for n in samples}, 1 if args.quick else args.repeats)
-        rows = [(f"{n} samples", n * 256, m) for n, m in gen.items()]
-        table("generate (tiny transformer, 16x16 grids, batch 64)", rows)
+        if "generate" in stages:
+            gen = median_cases({n: ("generate", "--transformer-run-id", gpt, "--num-samples", n, "--batch-size",
+                                    "64") for n in samples}, 1 if args.quick else args.repeats)
+            table("generate (tiny transformer, 16x16 grids, batch 64)",
+                  [(f"{n} samples", n * 256, m) for n, m in gen.items()])
     finally:
         os.chdir(ROOT)
         shutil.rmtree(work, ignore_errors=True)

@@ -106,3 +106,13 @@ def test_gpu_check_dry_run():
     for name in ("ours fp32", "ours bf16 compiled", "ours dense (relative bias)", "ours plain causal (flash)",
                  "ours window", "ours eager b1", "ours compiled b16"):
         assert re.search(rf"{re.escape(name)}[^\n]*\s\d+\.\d+ (img|tok)/s", res.stdout), (name, res.stdout)
+
+
+def test_scale_quick():
+    """benchmarks/scale.py runs each stage in its own process and prints peak RSS, the ratio and bytes per code."""
+    out = run("scale.py")
+    for title in ("quantize (256 codes per 64-px image", "train start-up", "generate (tiny transformer"):
+        assert title in out, out
+    rows = re.findall(r"^\s+[\d,]+ (?:images|grids|samples)\s+[\d,]+\s+(\d+)\s+(\d+\.\d+)\s+(-?\d+\.\d+)", out, re.M)
+    assert len(rows) == 6 and all(float(rss) > 0 for rss, _, _ in rows), out
+    assert [float(ratio) for _, ratio, _ in rows][::2] == [1.0, 1.0, 1.0], out  # each table's first case
