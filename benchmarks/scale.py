@@ -12,7 +12,7 @@ generate run ``--repeats`` times (interleaved) and the median is printed.
     nice -n 10 python benchmarks/scale.py [--quick] [--repeats N] [--stages quantize,train,generate]
                                           [--fixed-mmap-threshold]
 
-``--quick`` (the smoke test): 200 / 1000 images, 2k / 20k grids, 30 / 150 samples. The 1M-grid run writes ~0.5 GB
+``--quick`` (the smoke test): 100 / 300 images, 2k / 20k grids, 16 / 64 samples. The 1M-grid run writes ~0.5 GB
 of codes (twice: the run's artifact and its download) to a temp folder, removed at the end.
 """
 from __future__ import annotations
@@ -137,9 +137,9 @@ def main() -> None:
     stages = set(args.stages.split(","))
     if args.fixed_mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # inherited by every stage process (measure passes os.environ)
-    images = (200, 1000) if args.quick else (1000, 20000)
+    images = (100, 300) if args.quick else (1000, 20000)
     grids = (2000, 20000) if args.quick else (10_000, 100_000, 1_000_000)
-    samples = (30, 150) if args.quick else (300, 3000)
+    samples = (16, 64) if args.quick else (300, 3000)
 
     work = scratch_tracking()
     os.environ["TAMING_CACHE_DIR"] = str(work / "cache")

@@ -8,8 +8,8 @@ import sys
 from conftest import ROOT
 
 
-def run(script: str) -> str:
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], capture_output=True,
+def run(script: str, *args: str) -> str:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
@@ -109,10 +109,12 @@ def test_gpu_check_dry_run():
 
 
 def test_scale_quick():
-    """benchmarks/scale.py runs each stage in its own process and prints peak RSS, the ratio and bytes per code."""
-    out = run("scale.py")
-    for title in ("quantize (256 codes per 64-px image", "train start-up", "generate (tiny transformer"):
+    """benchmarks/scale.py runs each stage in its own process and prints peak RSS, the ratio and bytes per code
+    (train's table is the same code with larger fake runs: left out here for time)."""
+    out = run("scale.py", "--stages", "quantize,generate")
+    for title in ("quantize (256 codes per 64-px image", "generate (tiny transformer"):
         assert title in out, out
+    assert "train start-up" not in out, out
     rows = re.findall(r"^\s+[\d,]+ (?:images|grids|samples)\s+[\d,]+\s+(\d+)\s+(\d+\.\d+)\s+(-?\d+\.\d+)", out, re.M)
-    assert len(rows) == 6 and all(float(rss) > 0 for rss, _, _ in rows), out
-    assert [float(ratio) for _, ratio, _ in rows][::2] == [1.0, 1.0, 1.0], out  # each table's first case
+    assert len(rows) == 4 and all(float(rss) > 0 for rss, _, _ in rows), out
+    assert [float(ratio) for _, ratio, _ in rows][::2] == [1.0, 1.0], out  # each table's first case
