@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.data import ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks, resolve_workers
+from core.data import SPLITS, ImageDataset, cache_dir, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.errors import UserError
 from core.options import WORKERS_HELP, Config, build_config, config_options, opt
 from core.runtime import broadcast_from_main, gather_rows, release_free_memory, setup_runtime, teardown
@@ -193,12 +193,11 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                    data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         classes = sorted_classes(df["label"])
         grids = CodeGrids(tok.codebook_size, tuple(tok.grid_shape), classes)
-        label_ids = {name: i for i, name in enumerate(classes)}
-        df["label_id"] = df["label"].map(lambda x: label_ids.get(str(x), -1) if not pd.isna(x) else -1)
-        df["row"] = df.groupby("split").cumcount()
+        df["label_id"] = df["label"].map({name: i for i, name in enumerate(classes)}).fillna(-1).astype(int)
         # the image paths per split are all that encoding needs: the frame is written out (index.csv) and dropped
         # before any image is encoded, so that nothing per image but its path stays in memory
-        paths = {split: df.loc[df.split == split, "image_path"].tolist() for split in ("train", "val")}
+        parts = [df[df.split == split].assign(row=lambda part: np.arange(len(part))) for split in SPLITS]
+        paths = {split: part["image_path"].tolist() for split, part in zip(SPLITS, parts)}
         (run_id,) = broadcast_from_main(rt, run.info.run_id if run else None)
         work = work_folder(run_id) if rt.is_main else None
         out = work / "artifacts" if work else None
@@ -211,8 +210,7 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                 mlflow.set_tag("quantize_work_dir", str(work))
                 progress = {"config": dataclasses.asdict(cfg), "done": {"train": 0, "val": 0}}
                 (out / "codes").mkdir(parents=True, exist_ok=True)
-            df.sort_values("split", key=lambda s: s.map({"train": 0, "val": 1}), kind="stable")[
-                ["split", "row", "image_path", "label", "label_id"]].to_csv(out / "index.csv", index=False)
+            pd.concat(parts)[["split", "row", "image_path", "label", "label_id"]].to_csv(out / "index.csv", index=False)
             for split, part in paths.items():
                 names = [f"{split}.npy"] + ([f"{split}_flip.npy"] if cfg.flip and split == "train" else [])
                 files[split] = [out / "codes" / name for name in names]
@@ -221,7 +219,7 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                         np.lib.format.open_memmap(path, mode="w+", dtype=grids.code_dtype,
                                                   shape=(len(part), *grids.grid_shape)).flush()
             save_progress(work, progress)
-        del df
+        del df, parts
         release_free_memory()
         (progress,) = broadcast_from_main(rt, progress)  # where every rank starts: row counts, small
         t0, encoded = time.perf_counter(), 0
