@@ -4,10 +4,10 @@
 
 1. The official `taming.modules.transformer.mingpt` GPT and its cached `sample_with_past` (installed from PyPI:
    pip install -r benchmarks/requirements.txt) against our `transformer.sample.generate` (static KV cache,
-   prefill + decode steps, plain module calls) on a GPT of the same size (8L/8H/256, K=1024, 16x16 grid, random
-   init), batch 16 and batch 1, fp32, plus our bf16 decoding (weights + KV cache) beside it. Rounds are
-   interleaved (official, ours fp32, ours bf16; batch 16 then 1) and every round is printed: on a shared
-   machine the load changes between rounds, and the per-round ratio is what to read.
+   prefill + decode steps, functional calls on the blocks' parameters) on a GPT of the same size (8L/8H/256,
+   K=1024, 16x16 grid, random init), batch 16 and batch 1, fp32, plus our bf16 decoding (weights + KV cache)
+   beside it. Rounds are interleaved (official, ours fp32, ours bf16; batch 16 then 1) and every round is
+   printed: on a shared machine the load changes between rounds, and the per-round ratio is what to read.
 2. The same, after the process ran tokenizer training steps (a VQGAN autoencoder, forward + backward + Adam):
    our decode step depends on nothing the process did before, so the ratios should not move.
 3. A window model (trained on 16x16, w=8) generating 32x32 vs 16x16: the cost per token is bounded by the window.

@@ -404,6 +404,23 @@ def test_cuda_default_model_reaches_fused_sdpa_kernels(rel_bias):
             assert model.prefill(tokens[:, :10]).isfinite().all()
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_static_decode_step_compiles_as_one_graph(window):
+    """The fixed-shape step that generate --compile puts into CUDA graphs traces whole (fullgraph: the blocks'
+    parameter tuples and the cache's index writes included) and gives the eager step's logits; on CPU through
+    aot_eager (the same capture as inductor, no code generation)."""
+    model = tiny(window, grid=(4, 5))
+    tokens = torch.randint(11, (3, 21))
+    tokens[:, 0] = model.config.sos_id
+    with torch.inference_mode():
+        eager = decode_all(model, tokens, (4, 5), 1)
+        model.setup_cache(3, (4, 5))
+        model._use_compiled = True
+        model._compiled = torch.compile(model._decode, backend="aot_eager", fullgraph=True)
+        out = [model.prefill(tokens[:, :1])] + [model.decode_step(tokens[:, t], t - 1) for t in range(1, 21)]
+    torch.testing.assert_close(torch.stack(out, 1), eager, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("window", [0, 2])
 def test_cuda_compiled_decode_equals_eager(window):

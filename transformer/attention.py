@@ -1,6 +1,6 @@
 """Attention of the GPT over code grids: which keys a code sees (the 2-D window rule) and the relative-position
 bias it adds, as dense SDPA, as block-sparse frames (CPU training of window models), as FlexAttention (CUDA
-training of window models), and for one decoded token against the KV cache.
+training of window models); one decoded token against the KV cache is `transformer.model.decode_block`.
 
 Every (query, key) pair maps to a column of a per-head bias table (h, 2w*w + 1): di*2w + dj + w for code keys,
 2w*w for the prefix key, and 2w*w + 1 (one past the table) where the key is not visible: gathering from the table
@@ -221,16 +221,3 @@ class Attention(nn.Module):
         else:  # an additive float mask in q's dtype: CUDA's memory-efficient kernel takes it (flash takes none)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias(index, q.dtype)[None], dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-    def decode(self, x: Tensor, cache: KVCache, slot: int | Tensor, window: slice | Tensor, bias: Tensor) -> Tensor:
-        """One token x (B, C): write its key/value into `slot` of the cache and attend to the cache's `window`
-        slots (a slice: views; an index tensor: a fixed-size gather, for the compiled step), scores starting from
-        `bias` (B*h, 1, L) (relative bias + mask). Two batched matmuls over the B*h cache rows read the keys and
-        values in place: on CPU faster than SDPA's fused kernel for a single query."""
-        B, C = x.shape
-        qkv = self.qkv(x).view(B, 3, self.n_head, self.head_dim)
-        cache.write(slot, qkv[:, 1:].transpose(0, 1))
-        k_t, v = cache.read(window)
-        q = qkv[:, 0].reshape(B * self.n_head, 1, self.head_dim)
-        att = torch.baddbmm(bias, q, k_t, alpha=self.head_dim ** -0.5).softmax(-1)
-        return self.proj(torch.bmm(att, v).view(B, C))
