@@ -86,8 +86,7 @@ class CodeData:
         rng = rng if rng is not None else np.random.default_rng(0)
         if flip and split == "train" and self.flipped is not None:
             take = rng.random(len(rows)) < 0.5
-            if take.any():
-                grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
+            grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
         prefix = self.vocab.prefix(torch.from_numpy(labels))
         if label_dropout > 0:
             drop = torch.from_numpy(rng.random(len(rows)) < label_dropout)
@@ -241,14 +240,13 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         if rt.is_main:
             log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step,
                               artifact_path=LAST_MODEL_DIR)
-            if best["model"] is not None and best["step"] != loop.step:
-                load_weights(ema.module, best["model"], f"best-validation weights of step {best['step']}")
-            mlflow.log_metrics({"val/best_loss": best["val"], "val/best_step": best["step"] or loop.step},
-                               step=loop.step)
+            best_step = best["step"] or loop.step  # 0: no validation loss recorded, the last weights
+            if best_step != loop.step:
+                load_weights(ema.module, best["model"], f"best-validation weights of step {best_step}")
+            mlflow.log_metrics({"val/best_loss": best["val"], "val/best_step": best_step}, step=loop.step)
             # model/ and the logged generator: the best-validation weights (generate --weights last: the others)
-            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg),
-                              best["step"] or loop.step)
-            log_generator_model(ema.module, vocab, tokenizer, best["step"] or loop.step, register)
+            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), best_step)
+            log_generator_model(ema.module, vocab, tokenizer, best_step, register)
         return run.info.run_id if run else ""
 
 
