@@ -145,9 +145,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     # run leaves no run behind
     data = CodeData.from_run(cfg.quantize_run_id)
     with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
-                   resume_run_id=resume_run_id,
-                   enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
-                                             f"L{cfg.n_layer}")) as run:
+                   resume_run_id=resume_run_id, enabled=rt.is_main,
+                   name=(f"w{cfg.window_size}" if cfg.window_size else "full", f"L{cfg.n_layer}")) as run:
         vocab = data.vocab
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -173,12 +172,10 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         if rt.is_main:
             tokenizer = load_tokenizer(get_run(cfg.quantize_run_id).data.tags["upstream_run_id"], rt.device)
             if state is None:
-                mlflow.log_params({"num_classes": vocab.num_classes, "grid_shape": "x".join(map(str, vocab.grid_shape)),
-                                   "codebook_size": vocab.codebook_size, "num_params": sum(
-                                       p.numel() for p in model.parameters())})
-        ddp_model = rt.wrap(model)
-        if cfg.compile:
-            ddp_model = torch.compile(ddp_model)
+                mlflow.log_params({"num_classes": vocab.num_classes, "codebook_size": vocab.codebook_size,
+                                   "grid_shape": "x".join(map(str, vocab.grid_shape)),
+                                   "num_params": sum(p.numel() for p in model.parameters())})
+        ddp_model = torch.compile(rt.wrap(model)) if cfg.compile else rt.wrap(model)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
 
