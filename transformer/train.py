@@ -229,8 +229,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                     mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
                     check_val_loss(cfg, loop.step, val, train_loss=last_train_loss)
                     if val < best["val"]:  # a copy on the host: device memory stays one model
-                        best = {"val": val, "step": loop.step,
-                                "model": {k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}}
+                        best = {"val": val, "step": loop.step, "model": {
+                            k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}}
                 if rt.is_main and loop.due(cfg.sample_every):
                     log_samples(ema.module, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()
