@@ -106,15 +106,14 @@ class WindowedAttention(torch.autograd.Function):
         out[:, 0] = qkv[:, 0, 2]
         _by_rows(out[:, 1:], grid).copy_(y.view(B, h, H, W, hd))
         ctx.save_for_backward(q, *tables, att, noise)
-        ctx.grid, ctx.w = grid, w
+        ctx.grid, ctx.w, ctx.shape = grid, w, qkv.shape
         return out.view(B, T, h * hd)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None, None]:
         q, k_table, v_table, att, noise = ctx.saved_tensors
-        (H, W), w = ctx.grid, ctx.w
-        n, hd = q.shape[0], q.shape[2]
-        B, T, h = grad.shape[0], grad.shape[1], n // (grad.shape[0] * H)
+        (H, W), w, (B, T, _, h, hd) = ctx.grid, ctx.w, ctx.shape
+        n = B * h * H
         grad = grad.contiguous().view(B, T, h, hd)  # a loss like .sum() sends a stride-0 one
         dy = _by_rows(grad[:, 1:], ctx.grid).reshape(n, W, hd)
         d_att = torch.bmm(dy, _frames(v_table, w).mT)

@@ -2,7 +2,8 @@
 
 Artifacts: ``samples/codes.npy`` (N,H,W; written batch by batch into a memory map), ``samples/logprob.npy``,
 ``settings.json`` (every setting plus the label of each sample), ``grid.png`` (a preview: the first 64 samples
-decoded through the upstream tokenizer, captioned with their class names) and, with ``--gif``, ``samples/generation.gif`` (raster-order decoding, unknown area blank).
+decoded through the upstream tokenizer, captioned with their class names) and, with ``--gif``,
+``samples/generation.gif`` (raster-order decoding, unknown area blank).
 """
 from __future__ import annotations
 
@@ -89,15 +90,13 @@ def load_transformer(run_id: str, device: torch.device, which: str = "best") -> 
     get_run(run_id, "transformer")
     weights = load_model_weights(run_id, "transformer", LAST_MODEL_DIR) if which == "last" else None
     weights = weights or load_model_weights(run_id, "transformer", MODEL_DIR)  # None for older runs: the checkpoint
-    if weights is not None:
-        weights_state, mcfg, _ = weights
-        what = f"transformer model of run {run_id}"
-    else:
-        state, _ = load_checkpoint(run_id)
-        weights_state, mcfg = state["model"], dict(state["model_config"])
-        what = f"transformer checkpoint of run {run_id}"
+    what = f"transformer {'model' if weights else 'checkpoint'} of run {run_id}"
+    if weights is None:
+        checkpoint, _ = load_checkpoint(run_id)
+        weights = checkpoint["model"], checkpoint["model_config"], None
+    state, mcfg, _ = weights
     model = GPT(GPTConfig.from_saved(mcfg))
-    load_weights(model, weights_state, what)
+    load_weights(model, state, what)
     quantize_run = find_upstream(run_id, "quantize").info.run_id
     vocab = Vocab.load(download(quantize_run, "vocab.json"), quantize_run)
     return model.to(device).eval(), vocab
@@ -130,9 +129,9 @@ def context_codes(cfg: GenerateConfig, tokenizer, grid: tuple[int, int]) -> torc
     return tokenizer.encode(x).cpu()[:, :rows].expand(cfg.num_samples, -1, -1)
 
 
-def generation_gif(codes: torch.Tensor, tokenizer, path: Path, max_samples: int = 16) -> None:
+def generation_gif(codes: np.ndarray, tokenizer, path: Path, max_samples: int = 16) -> None:
     """One frame per generated row: the partial grid decoded, rows not generated yet shown white."""
-    codes = codes[:max_samples]
+    codes = torch.from_numpy(codes[:max_samples].astype(np.int64))
     f = tokenizer.downsample_factor
     frames = []
     for r in range(codes.shape[1] + 1):
@@ -231,14 +230,11 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
             logprob = np.lib.format.open_memmap(out / "samples" / "logprob.npy", mode="w+", dtype=np.float32,
                                                 shape=(cfg.num_samples,))
             sample_into(model, codes, logprob, cfg, rt, grid, labels, context, cfg_scale, top_k)
-            codes.flush()
-            logprob.flush()
             settings = {**asdict(cfg), "cfg_scale": cfg_scale, "top_k": top_k or 0, "grid_shape": list(grid),
                         "sample_labels": names, "vqvae_run_id": vqvae_run_id}
             (out / "settings.json").write_text(json.dumps(settings, indent=2))
             if cfg.gif:
-                generation_gif(torch.from_numpy(codes[:16].astype(np.int64)), tokenizer,
-                               out / "samples" / "generation.gif")
+                generation_gif(codes, tokenizer, out / "samples" / "generation.gif")
             preview = torch.from_numpy(codes[:PREVIEW].astype(np.int64)).to(rt.device)
             images = torch.cat([tokenizer.decode(b).cpu() for b in preview.split(cfg.batch_size)])
             shown = names[:PREVIEW]

@@ -62,15 +62,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         self.tokenizer, _ = load_tokenizer_folder(context.artifacts["tokenizer"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        labels, images = [], []
+        answer = []
         # An empty record ({"dataframe_records": [{}]}) means every option at its default: one image. MLflow's
         # schema check turns a frame without columns into one without rows, so no rows is that request.
         for row in model_input.to_dict("records") or [{}]:
             opts = {k: row[k] if k in row and pd.notna(row[k]) else default for k, (_, default) in OPTIONS.items()}
-            for label, image in self._sample(**opts):
-                labels.append(label)
-                images.append(png_base64(image))
-        return pd.DataFrame({"label": labels, "image": images})
+            answer += [(label, png_base64(image)) for label, image in self._sample(**opts)]
+        return pd.DataFrame(answer, columns=["label", "image"])
 
     def _sample(self, label: str | None, num_samples: int, seed: int, temperature: float, top_k: int, top_p: float,
                 cfg_scale: float | None) -> list:

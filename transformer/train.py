@@ -86,8 +86,7 @@ class CodeData:
         rng = rng if rng is not None else np.random.default_rng(0)
         if flip and split == "train" and self.flipped is not None:
             take = rng.random(len(rows)) < 0.5
-            if take.any():
-                grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
+            grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
         prefix = self.vocab.prefix(torch.from_numpy(labels))
         if label_dropout > 0:
             drop = torch.from_numpy(rng.random(len(rows)) < label_dropout)
@@ -146,9 +145,8 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     # run leaves no run behind
     data = CodeData.from_run(cfg.quantize_run_id)
     with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
-                   resume_run_id=resume_run_id,
-                   enabled=rt.is_main, name=(f"w{cfg.window_size}" if cfg.window_size else "full",
-                                             f"L{cfg.n_layer}")) as run:
+                   resume_run_id=resume_run_id, enabled=rt.is_main,
+                   name=(f"w{cfg.window_size}" if cfg.window_size else "full", f"L{cfg.n_layer}")) as run:
         vocab = data.vocab
         mcfg = GPTConfig(codebook_size=vocab.codebook_size, num_classes=vocab.num_classes,
                          grid_shape=tuple(vocab.grid_shape), n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -174,12 +172,10 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
         if rt.is_main:
             tokenizer = load_tokenizer(get_run(cfg.quantize_run_id).data.tags["upstream_run_id"], rt.device)
             if state is None:
-                mlflow.log_params({"num_classes": vocab.num_classes, "grid_shape": "x".join(map(str, vocab.grid_shape)),
-                                   "codebook_size": vocab.codebook_size, "num_params": sum(
-                                       p.numel() for p in model.parameters())})
-        ddp_model = rt.wrap(model)
-        if cfg.compile:
-            ddp_model = torch.compile(ddp_model)
+                mlflow.log_params({"num_classes": vocab.num_classes, "codebook_size": vocab.codebook_size,
+                                   "grid_shape": "x".join(map(str, vocab.grid_shape)),
+                                   "num_params": sum(p.numel() for p in model.parameters())})
+        ddp_model = torch.compile(rt.wrap(model)) if cfg.compile else rt.wrap(model)
         sampler = iter(ResumableSampler(len(data.codes["train"]), rt.rank, rt.world_size, cfg.seed,
                                         start=step * cfg.grad_accum * cfg.batch_size))
 
@@ -233,22 +229,21 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
                     mlflow.log_metrics({"val/loss": val, "val/bits_per_token": val / math.log(2)}, step=loop.step)
                     check_val_loss(cfg, loop.step, val, train_loss=last_train_loss)
                     if val < best["val"]:  # a copy on the host: device memory stays one model
-                        best = {"val": val, "step": loop.step,
-                                "model": {k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}}
+                        best = {"val": val, "step": loop.step, "model": {
+                            k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}}
                 if rt.is_main and loop.due(cfg.sample_every):
                     log_samples(ema.module, data, tokenizer, loop.step, cfg.seed)
                 loop.checkpoint_if_due()
         if rt.is_main:
             log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), loop.step,
                               artifact_path=LAST_MODEL_DIR)
-            if best["model"] is not None and best["step"] != loop.step:
-                load_weights(ema.module, best["model"], f"best-validation weights of step {best['step']}")
-            mlflow.log_metrics({"val/best_loss": best["val"], "val/best_step": best["step"] or loop.step},
-                               step=loop.step)
+            best_step = best["step"] or loop.step  # 0: no validation loss recorded, the last weights
+            if best_step != loop.step:
+                load_weights(ema.module, best["model"], f"best-validation weights of step {best_step}")
+            mlflow.log_metrics({"val/best_loss": best["val"], "val/best_step": best_step}, step=loop.step)
             # model/ and the logged generator: the best-validation weights (generate --weights last: the others)
-            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg),
-                              best["step"] or loop.step)
-            log_generator_model(ema.module, vocab, tokenizer, best["step"] or loop.step, register)
+            log_model_weights(ema.module.state_dict(), "transformer", dataclasses.asdict(mcfg), best_step)
+            log_generator_model(ema.module, vocab, tokenizer, best_step, register)
         return run.info.run_id if run else ""
 
 

@@ -54,7 +54,7 @@ class Vocab(CodeGrids, TokenLayout):
         """A label given by name or by class id; unknown labels list the known ones."""
         if label in self.classes:
             return self.classes.index(label)
-        if label.lstrip("-").isdigit() and 0 <= int(label) < self.num_classes and str(label) not in self.classes:
+        if label.isdecimal() and int(label) < self.num_classes:
             return int(label)
         known = ", ".join(self.classes) if self.classes else "none: the model is unconditional"
         raise UserError(f"unknown label {label!r}; known labels: {known}")
