@@ -230,6 +230,8 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
             logprob = np.lib.format.open_memmap(out / "samples" / "logprob.npy", mode="w+", dtype=np.float32,
                                                 shape=(cfg.num_samples,))
             sample_into(model, codes, logprob, cfg, rt, grid, labels, context, cfg_scale, top_k)
+            codes.flush()  # on disk before the folder is logged, whatever the platform's mapping semantics
+            logprob.flush()
             settings = {**asdict(cfg), "cfg_scale": cfg_scale, "top_k": top_k or 0, "grid_shape": list(grid),
                         "sample_labels": names, "vqvae_run_id": vqvae_run_id}
             (out / "settings.json").write_text(json.dumps(settings, indent=2))
