@@ -89,6 +89,16 @@ def test_resumed_runs_keep_the_behaviour_of_options_they_predate():
     assert config_from_dict(GPTTrainConfig, saved).pos_emb == "none"  # trained before positions existed
     assert config_from_dict(GPTTrainConfig, {**saved, "pos_emb": "rowcol"}).pos_emb == "rowcol"
     assert GPTTrainConfig().pos_emb == "rowcol"
+    from vqvae.config import VQConfig
+
+    saved = {k: v for k, v in dataclasses.asdict(VQConfig(manifest="x")).items() if k != "adam_betas"}
+    assert config_from_dict(VQConfig, saved).adam_betas == (0.5, 0.9)  # the official betas, used before the option
+
+
+def test_adam_betas_need_two_values_in_range(tracking_dir, dataset):
+    for value, message in (("0.9", "--adam-betas takes two numbers"), ("0.9,1.5", "--adam-betas must be >= 0, < 1")):
+        res = invoke("train-vqvae", "--manifest", dataset, "--adam-betas", value)
+        assert res.exit_code == 1 and message in res.output, res.output
 
 
 def test_train_option_pairs_are_one_line_errors(tracking_dir):

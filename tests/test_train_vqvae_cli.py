@@ -59,7 +59,7 @@ def test_checkpoint_loads_without_pickle_and_rebuilds_tokenizer(vqvae_run, datas
 
 
 def test_resume_continues_the_same_run_and_step_axis(tracking_dir, dataset):
-    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "2")
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "2", "--adam-betas", "0.8,0.95")
     assert res.exit_code == 0, res.output
     run_id = last_line(res.stdout)
     res = invoke("train-vqvae", "--resume", run_id, "--max-steps", "4")
@@ -70,6 +70,9 @@ def test_resume_continues_the_same_run_and_step_axis(tracking_dir, dataset):
     pointer = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id,
                                                                   artifact_path="checkpoints/latest.json")).read())
     assert pointer["step"] == 4
+    from core.checkpoint import load_checkpoint
+    state, _ = load_checkpoint(run_id)  # both optimizers took --adam-betas, and the resumed run kept them
+    assert [tuple(state[k]["param_groups"][0]["betas"]) for k in ("opt_ae", "opt_d")] == [(0.8, 0.95)] * 2
     assert client().get_run(run_id).info.status == "FINISHED"
     # Resuming a finished run without more steps is refused and leaves it FINISHED.
     res = invoke("train-vqvae", "--resume", run_id)

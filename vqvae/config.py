@@ -97,6 +97,9 @@ class VQConfig(LoopOptions, VQModelConfig):
     # 24.2 dB at 3e-4, 22.0 at 5e-4, 22.2 at 1e-3; on the shapes set higher rates were worse still
     lr: float = opt(3e-4, "Adam learning rate (autoencoder and discriminator).", gt=0)
     lr_warmup_steps: int = opt(20, "Linear learning-rate warm-up steps.", ge=0)
+    adam_betas: tuple[float, ...] = opt((0.5, 0.9), "Adam betas (beta1,beta2) of the autoencoder and the "
+                                                    "discriminator (the official taming recipe: 0.5,0.9).",
+                                        ge=0, lt=1, legacy=(0.5, 0.9))
     val_every: int = opt(250, "Steps between validations (metrics + reconstruction grid).", ge=1)
     val_batches: int = opt(4, "Validation batches per validation.", ge=1)
 
@@ -107,6 +110,9 @@ class VQConfig(LoopOptions, VQModelConfig):
 
     def check(self) -> None:
         super().check()
+        if len(self.adam_betas) != 2:
+            raise UserError(f"--adam-betas takes two numbers, beta1,beta2 (e.g. 0.9,0.99), got "
+                            f"{','.join(map(str, self.adam_betas))}")
         if self.quantizer == "fsq" and self.codebook_init != "none":
             raise UserError("--codebook-init applies to --quantizer vq only (FSQ has no codebook to initialise); "
                             "drop --codebook-init or use --quantizer vq")

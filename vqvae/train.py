@@ -161,8 +161,8 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         model = VQModel(cfg).to(rt.device)
         model.quantizer.forwards_per_step = cfg.grad_accum  # restarts and usage windows count optimizer steps
         loss_fn = VQGANLoss(cfg).to(rt.device)
-        opt_ae = fused_adam(model.parameters(), cfg.lr, (0.5, 0.9))
-        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, (0.5, 0.9))
+        opt_ae = fused_adam(model.parameters(), cfg.lr, tuple(cfg.adam_betas))
+        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, tuple(cfg.adam_betas))
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         start_from(model, init, cfg, rt.is_main)
         ema = WeightEMA(model, cfg.ema_weights, live=("quantizer.codebook",) if cfg.quantizer == "vq" else ())
