@@ -3,6 +3,7 @@ generate with the same results as one process, train memory-maps codes (and flip
 once per manifest content."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from conftest import ROOT, TINY_GPT, invoke, last_line
@@ -127,6 +129,12 @@ def test_train_memory_maps_codes_and_samples_flipped_grids(vqvae_run):
     assert bool((from_flip | from_plain).all()) and 0 < int(from_flip.sum()) < len(idx)
     assert torch.equal(mixed[:, 0], plain[:, 0])  # the class prefix is the image's either way
     assert torch.equal(data.sequences("val", np.arange(2), flip=True), data.sequences("val", np.arange(2)))
+    # code ids beyond the codebook in the flipped grids (a damaged file) are a one-line error naming that file
+    bad = np.array(data.flipped)
+    bad[:, 0, 0] = data.vocab.codebook_size  # every row: whichever the draw takes
+    from core.errors import UserError
+    with pytest.raises(UserError, match=r"codes/train_flip.npy holds code id \d+, but vocab.json says"):
+        dataclasses.replace(data, flipped=bad).sequences("train", idx, rng=np.random.default_rng(0), flip=True)
 
 
 def test_images_are_verified_once_per_manifest_content(tmp_path, monkeypatch, tracking_dir):

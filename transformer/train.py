@@ -78,20 +78,27 @@ class CodeData:
         (unconditional / dropped). ``flip``: each training sample is taken from the flipped images' grids with
         probability 1/2. Built on the host from numpy indices: no tensor is read back."""
         rows = np.asarray(rows, dtype=np.int64)
-        grids = np.asarray(self.codes[split][rows], dtype=np.int64)
-        if grids.size and grids.max() >= self.vocab.codebook_size:  # checked per batch: the files are never read whole
-            raise UserError(f"codes/{split}.npy holds code id {grids.max()}, but vocab.json says "
-                            f"{self.vocab.codebook_size} codes: the quantize run is damaged; re-run quantize")
+        grids = self._grids(self.codes[split], rows, f"codes/{split}.npy")
         labels = self.labels[split][rows].astype(np.int64)
         rng = rng if rng is not None else np.random.default_rng(0)
         if flip and split == "train" and self.flipped is not None:
             take = rng.random(len(rows)) < 0.5
-            grids[take] = np.asarray(self.flipped[rows[take]], dtype=np.int64)
+            grids[take] = self._grids(self.flipped, rows[take], "codes/train_flip.npy")
         prefix = self.vocab.prefix(torch.from_numpy(labels))
         if label_dropout > 0:
             drop = torch.from_numpy(rng.random(len(rows)) < label_dropout)
             prefix = torch.where(drop, self.vocab.sos_id, prefix)
         return torch.cat([prefix[:, None], torch.from_numpy(grids).flatten(1)], dim=1)
+
+
+    def _grids(self, codes: np.ndarray, rows: np.ndarray, name: str) -> np.ndarray:
+        """The grids at ``rows`` of ``codes`` (the file ``name``), their code ids checked: per batch, as the files
+        are never read whole."""
+        grids = np.asarray(codes[rows], dtype=np.int64)
+        if grids.size and grids.max() >= self.vocab.codebook_size:
+            raise UserError(f"{name} holds code id {grids.max()}, but vocab.json says {self.vocab.codebook_size} "
+                            "codes: the quantize run is damaged; re-run quantize")
+        return grids
 
 
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
