@@ -90,7 +90,6 @@ class CodeData:
             prefix = torch.where(drop, self.vocab.sos_id, prefix)
         return torch.cat([prefix[:, None], torch.from_numpy(grids).flatten(1)], dim=1)
 
-
     def _grids(self, codes: np.ndarray, rows: np.ndarray, name: str) -> np.ndarray:
         """The grids at ``rows`` of ``codes`` (the file ``name``), their code ids checked: per batch, as the files
         are never read whole."""
