@@ -106,7 +106,7 @@ def main() -> None:
               for bias in (True, False)}
     models[False].load_state_dict(models[True].state_dict(), strict=False)
     best = fastest({bias: train_step(m, seq) for bias, m in models.items()}, args.rounds)
-    print(f"\n2. full attention, same model and grid: relative bias vs --no-rel-bias")
+    print("\n2. full attention, same model and grid: relative bias vs --no-rel-bias")
     print(f"  {'attention':<38}{'s/step':>9}{'speed-up':>10}")
     for bias, name in ((True, "relative bias: float mask (SDPA)"), (False, "--no-rel-bias: is_causal (SDPA)")):
         print(f"  {name:<38}{best[bias]:>9.3f}{best[True] / best[bias]:>9.2f}x")
@@ -125,7 +125,7 @@ def main() -> None:
         opt.step()
     steps = {"official": official_step, **{bias: train_step(m, seq) for bias, m in models.items()}}
     best = fastest(steps, args.rounds)
-    print(f"\n3. full attention, the official taming mingpt.GPT training step vs ours (same sizes, batch, AdamW)")
+    print("\n3. full attention, the official taming mingpt.GPT training step vs ours (same sizes, batch, AdamW)")
     print(f"  {'model':<38}{'s/step':>9}{'ours is':>10}")
     for key, name in (("official", "official mingpt.GPT"), (True, "ours, relative bias"), (False, "ours, --no-rel-bias")):
         print(f"  {name:<38}{best[key]:>9.3f}{best['official'] / best[key]:>9.2f}x")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_VQ, invoke, last_line
+from conftest import TINY_VQ, invoke
 from core.loop import TrainLoop, step_optimizer
 from core.runtime import Runtime, fused_adam
 

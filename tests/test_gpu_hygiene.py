@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, TINY_GPT, TINY_VQ, invoke, last_line
+from conftest import ROOT, TINY_VQ, invoke, last_line
 from core.checkpoint import load_checkpoint
 from core.loop import TrainLoop, step_optimizer
 from core.runtime import Runtime

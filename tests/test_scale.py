@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_GPT, invoke, last_line
-from test_distributed import torchrun, torchrun_command
+from test_distributed import torchrun
 
 # Runs the CLI unchanged, but SIGKILLs the process right after quantize's KILL_AFTER-th progress marker: a crash
 # half way, at a known point, with no test-only code path in the product.
