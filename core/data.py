@@ -150,20 +150,31 @@ def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str |
 def read_manifest_on_ranks(rt, path: str | Path, val_fraction: float, skip_bad_images: bool,
                            verify: bool = True) -> tuple[pd.DataFrame, int]:
     """`read_manifest` under torchrun: rank 0 verifies the images; the other ranks read the manifest themselves
-    and drop the rows rank 0 found bad (only their positions travel, as a tensor: no image list is pickled)."""
+    and drop the rows rank 0 found bad (only their positions travel, as a tensor: no image list is pickled).
+
+    The tensor's last element says whether rank 0's verification failed (bad images without --skip-bad-images):
+    then every rank stops with rank 0's one-line error, instead of the others waiting in a later collective (on
+    other nodes, until its timeout)."""
     if not rt.distributed:
         return read_manifest(path, val_fraction, skip_bad_images, check_files=verify)
     import torch.distributed as dist
 
     full, _ = read_manifest(path, val_fraction, skip_bad_images, check_files=False)
-    keep = torch.ones(len(full), dtype=torch.uint8)
+    keep, failed = torch.ones(len(full) + 1, dtype=torch.uint8), None
     if rt.is_main and verify:
-        df, skipped = read_manifest(path, val_fraction, skip_bad_images, check_files=True)
-        keep = torch.from_numpy(full["image_path"].isin(df["image_path"]).to_numpy().astype(np.uint8))
+        try:
+            df, _ = read_manifest(path, val_fraction, skip_bad_images, check_files=True)
+            keep[:-1] = torch.from_numpy(full["image_path"].isin(df["image_path"]).to_numpy().astype(np.uint8))
+        except UserError as exc:
+            failed, keep[-1] = exc, 0
     keep = keep.to(rt.device)  # NCCL moves GPU tensors only
     dist.broadcast(keep, src=0)
     mask = keep.cpu().numpy().astype(bool)
-    return full[mask].reset_index(drop=True), int((~mask).sum())
+    if not mask[-1]:  # every rank stops with rank 0's message (a line of text: the one object pickled here)
+        box = [str(failed) if failed is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        raise failed if failed is not None else UserError(box[0])
+    return full[mask[:-1]].reset_index(drop=True), int((~mask[:-1]).sum())
 
 
 def resolve_workers(requested: int | None) -> int:

@@ -160,6 +160,59 @@ def test_images_are_verified_once_per_manifest_content(tmp_path, monkeypatch, tr
     assert len(opened) == 12
 
 
+def _verify_on_ranks(rank: int, port: int, manifest: str, out: str) -> None:
+    """One rank of `test_a_bad_image_stops_every_rank_with_rank_0s_error`: what read_manifest_on_ranks gave it."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    from core.data import read_manifest_on_ranks
+    from core.errors import UserError
+    from core.runtime import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # short: without the failure flag, rank 1 would wait here for rank 0, which has given up
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    rt, result = Runtime(torch.device("cpu"), "fp32", rank=rank, world_size=2), {}
+    try:
+        df, skipped = read_manifest_on_ranks(rt, manifest, 0.1, skip_bad_images=True)
+        result["skipping"] = [sorted(df.key), skipped]
+        try:
+            read_manifest_on_ranks(rt, manifest, 0.1, skip_bad_images=False)
+        except UserError as exc:
+            result["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - recorded for the test to show
+            result["error"] = f"not a UserError: {type(exc).__name__}: {exc}"
+    finally:
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def test_a_bad_image_stops_every_rank_with_rank_0s_error(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 verifies the images: when it finds bad ones (without --skip-bad-images) every
+    rank must stop with its one-line error, not wait for it in a collective (on other nodes, until a timeout)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from conftest import make_image_set
+
+    monkeypatch.setenv("TAMING_CACHE_DIR", str(tmp_path / "cache"))  # inherited by the spawned ranks
+    manifest = make_image_set(tmp_path / "d", n=8)
+    first = pd.read_csv(manifest).image_path[0]
+    (manifest.parent / first).unlink()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_verify_on_ranks, args=(port, str(manifest), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["skipping"] == r1["skipping"] and r1["skipping"][1] == 1 and first not in r1["skipping"][0]
+    assert "1 of 8 images are missing or unusable" in r0["error"] and "--skip-bad-images" in r0["error"]
+    assert r1["error"] == r0["error"]
+
+
 class StandInFeatures(torch.nn.Module):
     """A small fixed network in Inception's place (its weights cannot be downloaded in tests)."""
 
