@@ -75,6 +75,11 @@ def test_pipeline_run_carries_the_headline_params_and_metrics_of_its_stages(pipe
         {"vqvae.image_size": "16", "vqvae.codebook_size": "32", "vqvae.max_steps": "2", "train.n_layer": "1",
          "train.n_embd": "16", "train.max_steps": "2"}
     assert parent.params["train.num_params"] == train.params["num_params"]
+    # generate's defaults are decided at run time (a conditional model: guidance 5, top-k 2% of 32 codes, at least 5):
+    # the values used (the unset options themselves are not logged)
+    gen = pipeline_runs["generate"].data.params
+    assert (gen["cfg_scale_used"], gen["top_k_used"]) == ("5.0", "5")
+    assert (parent.params["generate.cfg_scale"], parent.params["generate.top_k"]) == ("5.0", "5")
     assert "vqvae.fsq_levels" not in parent.params  # a VQ tokenizer: only the params its run has
     assert parent.metrics == {
         "tokenizer/val_psnr": vq.metrics["val/psnr"], "tokenizer/val_codebook_usage": vq.metrics["val/codebook_usage"],

@@ -222,6 +222,8 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
         return ""
     with stage_run("generate", cfg, upstream_run_id=cfg.transformer_run_id, upstream_stage="transformer",
                    name=run_name_parts(cfg)) as run:
+        # the values behind the defaults' None ("auto"), for the runs table and for comparing runs
+        mlflow.log_params({"cfg_scale_used": cfg_scale, "top_k_used": top_k or 0})
         with artifact_folder() as out:
             (out / "samples").mkdir()
             # written batch by batch into memory maps: 50,000 samples never sit in memory

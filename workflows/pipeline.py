@@ -166,7 +166,8 @@ def find_finished(stage: Stage, cfg: Any, upstream: str | None, version: str) ->
     return None
 
 
-# What a pipeline row shows in the runs table: its stages' key params and results, as "section.key"
+# What a pipeline row shows in the runs table: its stages' key params and results, as "section.key"; a param whose
+# default is decided at run time shows the value used (logged as KEY_used), not "None"
 HEADLINE_PARAMS = {"vqvae": ("image_size", "quantizer", "codebook_size", "fsq_levels", "max_steps"),
                    "train": ("n_layer", "n_head", "n_embd", "window_size", "num_params", "max_steps"),
                    "generate": ("num_samples", "cfg_scale", "top_k")}
@@ -180,8 +181,12 @@ def headline(run_ids: dict[str, str]) -> tuple[dict[str, str], dict[str, float]]
     """The stage runs' headline params (``section.name``, with the data name) and final metrics."""
     runs = {section: get_run(run_ids[section]) for section in HEADLINE_PARAMS}
     params = {"data": runs["vqvae"].data.tags.get("data", "")}
-    params.update({f"{section}.{key}": runs[section].data.params[key] for section, keys in HEADLINE_PARAMS.items()
-                   for key in keys if key in runs[section].data.params})
+    for section, keys in HEADLINE_PARAMS.items():
+        logged = runs[section].data.params
+        for key in keys:
+            value = logged.get(f"{key}_used", logged.get(key))
+            if value is not None:
+                params[f"{section}.{key}"] = value
     metrics = {name: runs[section].data.metrics[key] for (section, key), name in HEADLINE_METRICS.items()
                if key in runs[section].data.metrics}
     return {k: v for k, v in params.items() if v != ""}, metrics
