@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_GPT, invoke, last_line
-from test_distributed import torchrun
+from test_distributed import free_port, torchrun
 
 # Runs the CLI unchanged, but SIGKILLs the process right after quantize's KILL_AFTER-th progress marker: a crash
 # half way, at a known point, with no test-only code path in the product.
@@ -193,7 +193,6 @@ def test_a_bad_image_stops_every_rank_with_rank_0s_error(tmp_path, monkeypatch):
     """Under torchrun only rank 0 verifies the images: when it finds bad ones (without --skip-bad-images) every
     rank must stop with its one-line error, not wait for it in a collective (on other nodes, until a timeout)."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
@@ -203,10 +202,7 @@ def test_a_bad_image_stops_every_rank_with_rank_0s_error(tmp_path, monkeypatch):
     manifest = make_image_set(tmp_path / "d", n=8)
     first = pd.read_csv(manifest).image_path[0]
     (manifest.parent / first).unlink()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_verify_on_ranks, args=(port, str(manifest), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_verify_on_ranks, args=(free_port(), str(manifest), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["skipping"] == r1["skipping"] and r1["skipping"][1] == 1 and first not in r1["skipping"][0]
     assert "1 of 8 images are missing or unusable" in r0["error"] and "--skip-bad-images" in r0["error"]

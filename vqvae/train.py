@@ -161,8 +161,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         model = VQModel(cfg).to(rt.device)
         model.quantizer.forwards_per_step = cfg.grad_accum  # restarts and usage windows count optimizer steps
         loss_fn = VQGANLoss(cfg).to(rt.device)
-        opt_ae = fused_adam(model.parameters(), cfg.lr, tuple(cfg.adam_betas))
-        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, tuple(cfg.adam_betas))
+        betas = tuple(cfg.adam_betas)  # a list when the config came back from a checkpoint's JSON
+        opt_ae = fused_adam(model.parameters(), cfg.lr, betas)
+        opt_d = fused_adam(loss_fn.discriminator.parameters(), cfg.lr, betas)
         scaler, scaler_d = rt.grad_scaler(), rt.grad_scaler()
         start_from(model, init, cfg, rt.is_main)
         ema = WeightEMA(model, cfg.ema_weights, live=("quantizer.codebook",) if cfg.quantizer == "vq" else ())
