@@ -16,7 +16,8 @@ Patch families validate on a strip of each source image that no training patch o
 Tokenizer families: val PSNR, codebook usage and perplexity of the whole validation split, after `--steps` steps
 at batch 16 with `--perceptual-weight 0`. Conditional families: tokenizer and class-conditional transformer
 `--steps` steps each, then samples with the generate defaults, decoded and read by a classifier fit on real
-training images (`real`: its accuracy on real held-out images, the ceiling).
+training images (`real`: its accuracy on real held-out images; `recon`: on those images' codes decoded by the
+tokenizer, the ceiling of what samples of its codes can reach).
 
 Every option not listed in `OLD` is at its current default in both columns.
 """
@@ -262,7 +263,21 @@ def conditional(manifest: Path, features, steps: int, old: bool, per_class: int,
         q_id = quantize(QuantizeConfig(vqvae_run_id=vq_id, num_workers=0))
     res = sample_accuracy(q_id, manifest, features, steps, per_class, stage_values("train", old, seed),
                           stage_values("generate", old, seed))
-    return {**res, "psnr": vq["psnr"], "usage": vq["usage"]}
+    return {**res, "recon": recon_accuracy(q_id, manifest, features), "psnr": vq["psnr"], "usage": vq["usage"]}
+
+
+def recon_accuracy(q_id: str, manifest: Path, features) -> float:
+    """The ceiling of the samples' figure: the real val images' codes (a quantize run) decoded by the tokenizer and
+    read by the classifier, against their labels."""
+    with quiet():
+        dec_id = decode(build_config(DecodeConfig, {"run_id": q_id, "split": "val", "max_images": 10**6}))
+    index = pd.read_csv(download(q_id, "index.csv"))
+    labels = index[index.split == "val"].sort_values("row").label.to_numpy()
+    paths = sorted(download(dec_id, "images").glob("*.png"))
+    if len(paths) != len(labels):
+        raise RuntimeError(f"decoded {len(paths)} val images for {len(labels)} val rows")
+    clf, _ = classifier(manifest, features)
+    return float((clf.predict(np.stack([features(p) for p in paths])) == labels).mean())
 
 
 def sample_accuracy(q_id: str, manifest: Path, features, steps: int, per_class: int, train_extra: dict,
@@ -302,8 +317,8 @@ FAMILIES: dict[str, tuple] = {
     "glyphs": ("held-out", "tokenizer", glyphs, None, {}),
     "heldout-shapes": ("held-out", "conditional", held_out_shapes, shape_features, {"codebook_size": 128}),
 }
-FMT = {"psnr": ".1f", "usage": ".1%", "perplexity": ".0f", "accuracy": ".1%", "real": ".1%", "val_loss": ".3f",
-       "minutes": ".1f"}
+FMT = {"psnr": ".1f", "usage": ".1%", "perplexity": ".0f", "accuracy": ".1%", "real": ".1%", "recon": ".1%",
+       "val_loss": ".3f", "minutes": ".1f"}
 
 
 def measure(name: str, work: Path, steps: int, old: bool, seed: int, per_class: int) -> dict[str, float]:

@@ -70,8 +70,9 @@ def test_quality_benchmark_tiny(tmp_path):
     assert "glyphs (held-out, tokenizer; 1 seed(s))" in res.stdout and "heldout-shapes (held-out" in res.stdout
     figures = json.loads(out.read_text())
     assert set(figures["glyphs"]["new"][0]) == {"psnr", "usage", "perplexity", "minutes"}
-    assert {"accuracy", "real", "val_loss", "psnr", "usage"} <= set(figures["heldout-shapes"]["old"][0])
+    assert {"accuracy", "real", "recon", "val_loss", "psnr", "usage"} <= set(figures["heldout-shapes"]["old"][0])
     assert figures["heldout-shapes"]["new"][0]["real"] > 0.9  # the classifier reads real held-out shapes
+    assert 0 <= figures["heldout-shapes"]["new"][0]["recon"] <= 1
 
 
 def test_quality_families_differ_and_hold_out_what_they_say(tmp_path):
@@ -118,3 +119,32 @@ def test_scale_quick():
     rows = re.findall(r"^\s+[\d,]+ (?:images|grids|samples)\s+[\d,]+\s+(\d+)\s+(\d+\.\d+)\s+(-?\d+\.\d+)", out, re.M)
     assert len(rows) == 4 and all(float(rss) > 0 for rss, _, _ in rows), out
     assert [float(ratio) for _, ratio, _ in rows][::2] == [1.0, 1.0], out  # each table's first case
+
+
+def test_quality_recon_ceiling_pairs_each_decoded_val_image_with_its_label(tmp_path, monkeypatch):
+    """recon_accuracy reads the decoded val codes in row order against index.csv's labels, whatever order the
+    index lists them in: with a tokenizer that gave the real images back it equals the classifier's 100%, and one
+    image swapped for another class's lowers it."""
+    import shutil
+
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    manifest = quality.shapes(tmp_path / "shapes", per_class=24)
+    df = pd.read_csv(manifest)
+    val = df[df.split == "val"].reset_index(drop=True)
+    index = val.assign(row=range(len(val)))[["split", "row", "image_path", "label"]]
+    index = pd.concat([df[df.split == "train"].assign(row=0)[index.columns], index]).sample(frac=1, random_state=0)
+    index.to_csv(tmp_path / "index.csv", index=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, p in enumerate(val.image_path):  # a perfect tokenizer: the decoded images are the real ones
+        shutil.copy(manifest.parent / p, images / f"{i:04d}.png")
+    monkeypatch.setattr(quality, "decode", lambda cfg: "decode-run")
+    monkeypatch.setattr(quality, "download", lambda run, name: tmp_path / name)
+    assert quality.recon_accuracy("quantize-run", manifest, quality.shape_features) == 1.0
+    other = next(i for i, lab in enumerate(val.label) if lab != val.label[0])
+    shutil.copy(manifest.parent / val.image_path[other], images / "0000.png")
+    assert quality.recon_accuracy("quantize-run", manifest, quality.shape_features) == 1 - 1 / len(val)
