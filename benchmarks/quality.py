@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -216,6 +217,7 @@ def digit_features(path: Path) -> np.ndarray:
     return np.asarray(small, dtype=np.float64).reshape(-1) / 255
 
 
+@functools.cache  # sample_accuracy and recon_accuracy read with the same classifier: fit it once per family
 def classifier(manifest: Path, features):
     """An SVM fit on the train split and its accuracy on the real val split."""
     from sklearn.svm import SVC
@@ -273,11 +275,16 @@ def recon_accuracy(q_id: str, manifest: Path, features) -> float:
         dec_id = decode(build_config(DecodeConfig, {"run_id": q_id, "split": "val", "max_images": 10**6}))
     index = pd.read_csv(download(q_id, "index.csv"))
     labels = index[index.split == "val"].sort_values("row").label.to_numpy()
+    pred = read_decoded(dec_id, manifest, features)
+    if len(pred) != len(labels):
+        raise RuntimeError(f"decoded {len(pred)} val images for {len(labels)} val rows")
+    return float((pred == labels).mean())
+
+
+def read_decoded(dec_id: str, manifest: Path, features) -> np.ndarray:
+    """The classifier's reading of a decode run's images, in their order."""
     paths = sorted(download(dec_id, "images").glob("*.png"))
-    if len(paths) != len(labels):
-        raise RuntimeError(f"decoded {len(paths)} val images for {len(labels)} val rows")
-    clf, _ = classifier(manifest, features)
-    return float((clf.predict(np.stack([features(p) for p in paths])) == labels).mean())
+    return classifier(manifest, features)[0].predict(np.stack([features(p) for p in paths]))
 
 
 def sample_accuracy(q_id: str, manifest: Path, features, steps: int, per_class: int, train_extra: dict,
@@ -294,10 +301,8 @@ def sample_accuracy(q_id: str, manifest: Path, features, steps: int, per_class: 
             "transformer_run_id": train_run_id, "num_samples": n_classes * per_class, **gen_extra}))
         dec_id = decode(build_config(DecodeConfig, {"run_id": gen_id, "max_images": n_classes * per_class}))
     labels = np.asarray(json.loads(download(gen_id, "settings.json").read_text())["sample_labels"])
-    paths = sorted(download(dec_id, "images").glob("*.png"))
-    clf, real = classifier(manifest, features)
-    pred = clf.predict(np.stack([features(p) for p in paths]))
-    return {"accuracy": float((pred == labels).mean()), "real": real, "train_run_id": train_run_id,
+    pred = read_decoded(dec_id, manifest, features)
+    return {"accuracy": float((pred == labels).mean()), "real": classifier(manifest, features)[1], "train_run_id": train_run_id,
             "val_loss": run_metrics(train_run_id)["val/loss"]}
 
 
