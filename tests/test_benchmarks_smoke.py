@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -64,7 +66,8 @@ def test_quality_benchmark_tiny(tmp_path):
 
     out = tmp_path / "quality.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--steps", "2", "--seeds", "1",
-                          "--family", "glyphs", "--family", "heldout-shapes", "--per-class", "2", "--out", str(out)],
+                          "--family", "glyphs", "--family", "heldout-shapes", "--per-class", "2", "--transformer-seeds", "2",
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "glyphs (held-out, tokenizer; 1 seed(s))" in res.stdout and "heldout-shapes (held-out" in res.stdout
@@ -73,6 +76,7 @@ def test_quality_benchmark_tiny(tmp_path):
     assert {"accuracy", "real", "recon", "val_loss", "psnr", "usage"} <= set(figures["heldout-shapes"]["old"][0])
     assert figures["heldout-shapes"]["new"][0]["real"] > 0.9  # the classifier reads real held-out shapes
     assert 0 <= figures["heldout-shapes"]["new"][0]["recon"] <= 1
+    assert len(figures["heldout-shapes"]["new"][0]["per_transformer"]) == 2
 
 
 def test_quality_families_differ_and_hold_out_what_they_say(tmp_path):
@@ -148,3 +152,34 @@ def test_quality_recon_ceiling_pairs_each_decoded_val_image_with_its_label(tmp_p
     other = next(i for i, lab in enumerate(val.label) if lab != val.label[0])
     shutil.copy(manifest.parent / val.image_path[other], images / "0000.png")
     assert quality.recon_accuracy("quantize-run", manifest, quality.shape_features) == 1 - 1 / len(val)
+
+
+def test_quality_conditional_averages_transformers_of_one_tokenizer(tmp_path, monkeypatch):
+    """--transformer-seeds N: one tokenizer and quantize run, N transformers on its codes with distinct train and
+    sampling seeds (the first the tokenizer's seed), samples read right and val loss averaged over them, each
+    transformer's figure kept; a count below 1 is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    made = []
+    monkeypatch.setattr(quality, "tokenizer", lambda m, steps, old, **kw: made.append(kw) or
+                        ("vq", {"psnr": 18.0, "usage": 0.9}))
+    monkeypatch.setattr(quality, "quantize", lambda cfg: "q-" + cfg.vqvae_run_id)
+    monkeypatch.setattr(quality, "recon_accuracy", lambda q_id, m, f: 0.75)
+    calls = []
+
+    def fake_samples(q_id, manifest, features, steps, per_class, train_extra, gen_extra):
+        calls.append((q_id, train_extra["seed"], gen_extra["seed"]))
+        return {"accuracy": {7: 0.3, 1007: 0.5, 2007: 0.7}[train_extra["seed"]], "real": 1.0,
+                "val_loss": train_extra["seed"] / 1000, "train_run_id": "t"}
+
+    monkeypatch.setattr(quality, "sample_accuracy", fake_samples)
+    res = quality.conditional(tmp_path / "m.csv", None, 5, False, 2, {"seed": 7}, transformer_seeds=3)
+    assert made == [{"seed": 7}]  # one tokenizer
+    assert calls == [("q-vq", 7, 7), ("q-vq", 1007, 1007), ("q-vq", 2007, 2007)]
+    assert res["accuracy"] == pytest.approx(0.5) and res["per_transformer"] == [0.3, 0.5, 0.7]
+    assert res["val_loss"] == pytest.approx((0.007 + 1.007 + 2.007) / 3)
+    assert (res["recon"], res["real"], res["psnr"]) == (0.75, 1.0, 18.0)
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--transformer-seeds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
