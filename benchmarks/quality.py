@@ -312,8 +312,8 @@ def sample_accuracy(q_id: str, manifest: Path, features, steps: int, per_class: 
         dec_id = decode(build_config(DecodeConfig, {"run_id": gen_id, "max_images": n_classes * per_class}))
     labels = np.asarray(json.loads(download(gen_id, "settings.json").read_text())["sample_labels"])
     pred = read_decoded(dec_id, manifest, features)
-    return {"accuracy": float((pred == labels).mean()), "real": classifier(manifest, features)[1], "train_run_id": train_run_id,
-            "val_loss": run_metrics(train_run_id)["val/loss"]}
+    return {"accuracy": float((pred == labels).mean()), "real": classifier(manifest, features)[1],
+            "train_run_id": train_run_id, "val_loss": run_metrics(train_run_id)["val/loss"]}
 
 
 def held_out_shapes(out: Path) -> Path:
@@ -345,12 +345,11 @@ def measure(name: str, work: Path, steps: int, old: bool, seed: int, per_class: 
     if not manifest.exists():
         manifest = make(folder)
     t0 = time.perf_counter()
-    if kind == "tokenizer":
-        res = tokenizer(manifest, steps, old, seed=seed, **extra)[1]
+    if kind == "tokenizer":  # its train usage is not reported
+        res = {k: v for k, v in tokenizer(manifest, steps, old, seed=seed, **extra)[1].items() if k in FMT}
     else:
         res = conditional(manifest, features, steps, old, per_class, {"seed": seed, **extra}, transformer_seeds)
-    return {k: v for k, v in res.items() if k in FMT or k == "per_transformer"} | {
-        "minutes": (time.perf_counter() - t0) / 60}
+    return res | {"minutes": (time.perf_counter() - t0) / 60}
 
 
 def table(name: str, results: dict[bool, list[dict[str, float]]]) -> None:
@@ -370,6 +369,7 @@ def table(name: str, results: dict[bool, list[dict[str, float]]]) -> None:
 
 
 def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)

@@ -66,8 +66,8 @@ def test_quality_benchmark_tiny(tmp_path):
 
     out = tmp_path / "quality.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--steps", "2", "--seeds", "1",
-                          "--family", "glyphs", "--family", "heldout-shapes", "--per-class", "2", "--transformer-seeds", "2",
-                          "--out", str(out)],
+                          "--family", "glyphs", "--family", "heldout-shapes", "--per-class", "2",
+                          "--transformer-seeds", "2", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "glyphs (held-out, tokenizer; 1 seed(s))" in res.stdout and "heldout-shapes (held-out" in res.stdout
