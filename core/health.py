@@ -96,13 +96,17 @@ def check_val_loss(cfg: Any, step: int, val_loss: float, train_loss: float | Non
 def psnr_remedies(cfg: Any) -> str:
     """Tokenizer options that raise the PSNR reached, those not in use yet first (measured with
     benchmarks/quality.py, docs/defaults.md)."""
+    schedule = [] if cfg.lr_schedule == "cosine" else ["--lr-schedule cosine (+1-4 dB on photo patches at 400 steps; "
+                                                      "check class-conditional samples)"]
     if cfg.quantizer == "fsq":
-        return "more --fsq-levels (a larger implicit codebook), or a wider model (--ch, --z-channels)"
-    fixes = [f for f, on in (("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
-                             ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
-                             ("--restart-after 20", 0 < cfg.restart_after <= 50),
-                             ("--adam-betas 0.9,0.99 (sharper reconstructions before the GAN starts; codes a short-"
-                              "trained transformer may model less well)", cfg.adam_betas[0] >= 0.9)) if not on]
+        return ", ".join(schedule + ["more --fsq-levels (a larger implicit codebook), or a wider model (--ch, "
+                                     "--z-channels)"])
+    fixes = schedule + [f for f, on in (
+        ("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
+        ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
+        ("--restart-after 20", 0 < cfg.restart_after <= 50),
+        ("--adam-betas 0.9,0.99 (sharper reconstructions before the GAN starts; codes a short-trained transformer "
+         "may model less well)", cfg.adam_betas[0] >= 0.9)) if not on]
     fixes.append(f"a larger --codebook-size (now {cfg.codebook_size}) or a wider model (--ch {cfg.ch} now)")
     return ", ".join(fixes)
 

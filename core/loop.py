@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -120,6 +121,17 @@ def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     elif bool(ok):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def cosine_lr(step: int, lr: float, min_lr: float | None, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``max_steps`` (``min_lr`` None: constant).
+    The transformer's schedule, and the tokenizer's with --lr-schedule cosine (docs/defaults.md, fifth round)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if min_lr is None:
+        return lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class TrainLoop:

@@ -72,10 +72,11 @@ def tracking_dir(tmp_path_factory) -> Path:
     uri = f"sqlite:///{d / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["TAMING_CACHE_DIR"] = str(d / "cache")  # verified manifests, quantize work folders: not in ~/.cache
+    # a SQLite store puts artifacts under ./mlruns of the working directory, resolved when the store is first
+    # made: move there first, to keep them out of the checkout
+    os.chdir(d)
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()
-    # a SQLite store puts artifacts under ./mlruns of the working directory: keep them out of the checkout
-    os.chdir(d)
     return d
 
 

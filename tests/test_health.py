@@ -100,6 +100,10 @@ def test_stalled_tokenizer_psnr_names_the_options_that_help(monkeypatch, capsys)
     assert "PSNR stalled at step 400: 20.1 dB, +0.20 dB since step 200" in err
     assert "--ema" in err and "--no-l2-norm" in err and "--code-dim 0" in err and "--restart-after" not in err
     assert "--codebook-size (now 256)" in err and "--adam-betas 0.9,0.99" in err
-    assert health.psnr_remedies(VQConfig(ema=True, l2_norm=False, code_dim=0, adam_betas=(0.9, 0.99))).startswith(
-        "a larger --codebook")
+    assert health.psnr_remedies(VQConfig(ema=True, l2_norm=False, code_dim=0, adam_betas=(0.9, 0.99),
+                                         lr_schedule="cosine")).startswith("a larger --codebook")
     assert "--fsq-levels" in health.psnr_remedies(VQConfig(quantizer="fsq"))
+    # a run on the (default) constant rate is pointed at the decay first
+    assert "--lr-schedule cosine" in err and health.psnr_remedies(VQConfig()).startswith("--lr-schedule cosine")
+    assert health.psnr_remedies(VQConfig(quantizer="fsq")).startswith("--lr-schedule cosine")
+    assert "--lr-schedule" not in health.psnr_remedies(VQConfig(quantizer="fsq", lr_schedule="cosine"))

@@ -2,6 +2,7 @@
 descriptions that link upstream runs, readable images, prefixed metrics, meaningful params, models and models:/."""
 from __future__ import annotations
 
+import math
 import re
 
 import mlflow
@@ -204,7 +205,7 @@ def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, datase
         runs = {}
         for flag in ("--system-metrics", "--no-system-metrics"):
             res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "6", "--lr-warmup-steps",
-                         "2", flag, "--experiment", "ux-system")
+                         "2", "--lr-schedule", "cosine", flag, "--experiment", "ux-system")
             assert res.exit_code == 0, res.output
             runs[flag] = client.get_run(last_line(res.stdout))
     finally:
@@ -213,8 +214,19 @@ def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, datase
     on, off = runs["--system-metrics"].data, runs["--no-system-metrics"].data
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(on.metrics)
     assert not [k for k in off.metrics if k.startswith("system/")] and off.params["system_metrics"] == "False"
-    # the learning rate is charted while the warm-up schedules it (and the first step at the peak), not after
+    # the learning rate is charted: the warm-up ramp, then the cosine decay from --lr to --min-lr 0 at --max-steps
     lr = client.get_metric_history(runs["--system-metrics"].info.run_id, "train/lr")
+    cosine = [3e-4 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [m.step for m in lr] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in lr] == pytest.approx([1.5e-4, 3e-4, *cosine])
+
+
+def test_constant_lr_is_charted_only_while_the_warmup_ramps_it(tracking_dir, dataset):
+    # the default, official constant rate: after the warm-up a chart would be a flat line
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "6", "--lr-warmup-steps", "2",
+                 "--no-system-metrics", "--experiment", "ux-lr-constant")
+    assert res.exit_code == 0, res.output
+    lr = mlflow.MlflowClient().get_metric_history(last_line(res.stdout), "train/lr")
     assert [(m.step, m.value) for m in lr] == [(1, 1.5e-4), (2, 3e-4), (3, 3e-4)]
 
 

@@ -93,6 +93,26 @@ def test_resumed_runs_keep_the_behaviour_of_options_they_predate():
 
     saved = {k: v for k, v in dataclasses.asdict(VQConfig(manifest="x")).items() if k != "adam_betas"}
     assert config_from_dict(VQConfig, saved).adam_betas == (0.5, 0.9)  # the official betas, used before the option
+    saved = {k: v for k, v in dataclasses.asdict(VQConfig(manifest="x")).items() if k != "lr_schedule"}
+    assert config_from_dict(VQConfig, saved).end_lr is None  # a constant rate, as those runs trained
+    assert VQConfig(lr_schedule="cosine").end_lr == 0.0 and VQConfig(lr_schedule="cosine", min_lr=1e-5).end_lr == 1e-5
+
+
+def test_learning_rate_schedule_warms_up_decays_and_stays_constant_without_min_lr():
+    from core.loop import cosine_lr
+
+    lrs = [cosine_lr(s, 1e-3, 1e-4, 10, 110) for s in range(120)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5.5e-4)  # half way: the mean of the two
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[110:] == pytest.approx([1e-4] * 10)
+    assert [cosine_lr(s, 1e-3, None, 10, 110) for s in (9, 10, 60, 200)] == [1e-3] * 4
+    assert cosine_lr(0, 1e-3, 0.0, 0, 5) == 1e-3  # no warm-up: the peak at once
+
+
+def test_min_lr_above_lr_is_a_one_line_error(tracking_dir, dataset):
+    res = invoke("train-vqvae", "--manifest", dataset, "--lr-schedule", "cosine", "--lr", "1e-4", "--min-lr", "1e-3")
+    assert res.exit_code == 1 and "--min-lr 0.001 is above --lr 0.0001" in res.output, res.output
+    assert "Traceback" not in res.output
 
 
 def test_adam_betas_need_two_values_in_range(tracking_dir, dataset):

@@ -18,7 +18,7 @@ from core.data import ResumableSampler
 from core.errors import UserError
 from core.health import check_val_loss
 from core.images import grid_image
-from core.loop import TrainLoop, step_optimizer, training_session
+from core.loop import TrainLoop, cosine_lr, step_optimizer, training_session
 from core.ema import WeightEMA
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime
@@ -102,10 +102,7 @@ class CodeData:
 
 def lr_at(step: int, cfg: GPTTrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr`` at ``max_steps``."""
-    if step < cfg.lr_warmup_steps:
-        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
-    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.lr_warmup_steps, cfg.max_steps)
 
 
 @torch.no_grad()

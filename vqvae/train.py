@@ -16,7 +16,7 @@ from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook, check_psnr
 from core.images import comparison_grid
-from core.loop import TrainLoop, ignore_stop_signals, step_optimizer, training_session
+from core.loop import TrainLoop, cosine_lr, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options
 from core.runtime import Runtime, average_gradients, fused_adam
 from core.tracking import data_name, log_manifest, log_step_image, run_name_option, stage_run, with_tracking_options
@@ -216,7 +216,7 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     init_codebook(model, batches, rt, cfg)
                 if step == cfg.warmup_steps and cfg.warmup_steps > 0:
                     net = wrapped(True)
-                lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
+                lr = cosine_lr(step, cfg.lr, cfg.end_lr, cfg.lr_warmup_steps, cfg.max_steps)
                 for opt in (opt_ae, opt_d):
                     for group in opt.param_groups:
                         group["lr"] = lr
@@ -258,9 +258,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                     metrics = {f"train/{k}": v for k, v in active_terms(logs, cfg, step).items()}
                     metrics.update({"train/codebook_usage": model.quantizer.usage(),
                                     "train/images_per_sec": loop.throughput()})
-                    # a constant lr is a param, not a flat chart: charted only while the warm-up ramps it, and
-                    # only when the ramp spans several logs (else the chart is a flat line at the peak, read as 0)
-                    if cfg.lr_warmup_steps > cfg.log_every and step < cfg.lr_warmup_steps + cfg.log_every:
+                    # a decaying lr is charted; a constant one is a param, not a flat chart: charted only while the
+                    # warm-up ramps it, and only when the ramp spans several logs (else a flat line, read as 0)
+                    if (cfg.end_lr is not None and cfg.end_lr < cfg.lr
+                            or cfg.lr_warmup_steps > cfg.log_every and step < cfg.lr_warmup_steps + cfg.log_every):
                         metrics["train/lr"] = lr
                     mlflow.log_metrics(metrics, step=loop.step)
                     check_codebook(cfg, loop.step, metrics, model.quantizer.window_steps)
