@@ -109,10 +109,12 @@ def test_learning_rate_schedule_warms_up_decays_and_stays_constant_without_min_l
     assert cosine_lr(0, 1e-3, 0.0, 0, 5) == 1e-3  # no warm-up: the peak at once
 
 
-def test_min_lr_above_lr_is_a_one_line_error(tracking_dir, dataset):
+def test_min_lr_above_lr_or_without_the_decay_is_a_one_line_error(tracking_dir, dataset):
     res = invoke("train-vqvae", "--manifest", dataset, "--lr-schedule", "cosine", "--lr", "1e-4", "--min-lr", "1e-3")
     assert res.exit_code == 1 and "--min-lr 0.001 is above --lr 0.0001" in res.output, res.output
     assert "Traceback" not in res.output
+    res = invoke("train-vqvae", "--manifest", dataset, "--min-lr", "1e-5")  # the default schedule is constant
+    assert res.exit_code == 1 and "--min-lr 1e-05 applies to --lr-schedule cosine only" in res.output, res.output
 
 
 def test_adam_betas_need_two_values_in_range(tracking_dir, dataset):

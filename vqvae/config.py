@@ -122,6 +122,9 @@ class VQConfig(LoopOptions, VQModelConfig):
 
     def check(self) -> None:
         super().check()
+        if self.lr_schedule == "constant" and self.min_lr:
+            raise UserError(f"--min-lr {self.min_lr} applies to --lr-schedule cosine only (a constant rate stays at "
+                            "--lr); add --lr-schedule cosine or drop --min-lr")
         if self.lr_schedule == "cosine" and self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
         if len(self.adam_betas) != 2:
