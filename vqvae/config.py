@@ -98,7 +98,7 @@ class VQConfig(LoopOptions, VQModelConfig):
     lr: float = opt(3e-4, "Adam learning rate (autoencoder and discriminator).", gt=0)
     lr_warmup_steps: int = opt(20, "Linear learning-rate warm-up steps.", ge=0)
     # constant by default (docs/defaults.md, fifth round): the decay gains 1-4 dB on photo patches at 400 steps, but
-    # its shapes codes read as the right class less often, reconstructed and sampled, and glyphs lost 3 dB (seed 0)
+    # its shapes codes read as the right class less often, reconstructed and sampled, and glyphs lose 1.2 dB
     lr_schedule: str = opt("constant", "After the warm-up: a constant --lr (the official recipe), or cosine decay "
                                        "to --min-lr at --max-steps (sharper reconstructions in a short run).",
                            choices=["constant", "cosine"])
