@@ -90,6 +90,12 @@ class LoopOptions(Config):
                                      "when nvidia-ml-py (pynvml) is installed.")
 
 
+def check_decay(lr: float, min_lr: float) -> None:
+    """Both trainers' cosine schedule decays from --lr to --min-lr (`core.loop.cosine_lr`): not upwards."""
+    if min_lr > lr:
+        raise UserError(f"--min-lr {min_lr} is above --lr {lr}; the schedule decays from lr to min-lr")
+
+
 def _parse_tuple(text: str | tuple, item: type) -> tuple:
     if isinstance(text, (tuple, list)):
         return tuple(item(v) for v in text)

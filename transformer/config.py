@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.errors import UserError
-from core.options import LoopOptions, opt
+from core.options import LoopOptions, check_decay, opt
 
 
 @dataclass
@@ -41,5 +41,4 @@ class GPTTrainConfig(LoopOptions):
             raise UserError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
         if not self.rel_bias and self.pos_emb == "none":
             raise UserError("--no-rel-bias needs --pos-emb rowcol: without both the model has no position information")
-        if self.min_lr > self.lr:
-            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
+        check_decay(self.lr, self.min_lr)

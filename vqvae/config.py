@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.errors import UserError
-from core.options import WORKERS_HELP, Config, LoopOptions, opt
+from core.options import WORKERS_HELP, Config, LoopOptions, check_decay, opt
 
 
 def _vq(cfg: "VQModelConfig") -> bool:
@@ -125,8 +125,8 @@ class VQConfig(LoopOptions, VQModelConfig):
         if self.lr_schedule == "constant" and self.min_lr:
             raise UserError(f"--min-lr {self.min_lr} applies to --lr-schedule cosine only (a constant rate stays at "
                             "--lr); add --lr-schedule cosine or drop --min-lr")
-        if self.lr_schedule == "cosine" and self.min_lr > self.lr:
-            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
+        if self.lr_schedule == "cosine":
+            check_decay(self.lr, self.min_lr)
         if len(self.adam_betas) != 2:
             raise UserError(f"--adam-betas takes two numbers, beta1,beta2 (e.g. 0.9,0.99), got "
                             f"{','.join(map(str, self.adam_betas))}")
