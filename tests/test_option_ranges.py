@@ -115,6 +115,9 @@ def test_min_lr_above_lr_or_without_the_decay_is_a_one_line_error(tracking_dir, 
     assert "Traceback" not in res.output
     res = invoke("train-vqvae", "--manifest", dataset, "--min-lr", "1e-5")  # the default schedule is constant
     assert res.exit_code == 1 and "--min-lr 1e-05 applies to --lr-schedule cosine only" in res.output, res.output
+    # the transformer always decays: only the order of the two rates is checked, before its quantize run is read
+    res = invoke("train", "--quantize-run-id", "0" * 32, "--lr", "1e-4", "--min-lr", "1e-3")
+    assert res.exit_code == 1 and "--min-lr 0.001 is above --lr 0.0001" in res.output, res.output
 
 
 def test_adam_betas_need_two_values_in_range(tracking_dir, dataset):
