@@ -46,7 +46,8 @@ def codebook_remedies(cfg: Any) -> str:
     if cfg.quantizer == "fsq":
         return "fewer --fsq-levels (a smaller implicit codebook)"
     fixes = [f for f, on in (("--l2-norm", cfg.l2_norm), ("--code-dim 8", 0 < cfg.code_dim <= 32),
-                             ("--restart-after 20", 0 < cfg.restart_after <= 50)) if not on]
+                             ("--restart-after 20", 0 < cfg.restart_after <= 50),
+                             ("--entropy-weight 0.01", cfg.entropy_weight > 0)) if not on]
     fixes.append("--quantizer fsq" if fixes else "a smaller --codebook-size, or --quantizer fsq")
     return ", ".join(fixes)
 

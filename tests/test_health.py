@@ -35,8 +35,8 @@ def test_remedies_name_only_options_not_in_use():
     from vqvae.config import VQConfig
 
     assert codebook_remedies(VQConfig(l2_norm=False, code_dim=0, restart_after=0)) == \
-        "--l2-norm, --code-dim 8, --restart-after 20, --quantizer fsq"
-    assert codebook_remedies(VQConfig(l2_norm=True, code_dim=8, restart_after=0)) == \
+        "--l2-norm, --code-dim 8, --restart-after 20, --entropy-weight 0.01, --quantizer fsq"
+    assert codebook_remedies(VQConfig(l2_norm=True, code_dim=8, restart_after=0, entropy_weight=0.05)) == \
         "--restart-after 20, --quantizer fsq"
     assert "--fsq-levels" in codebook_remedies(VQConfig(quantizer="fsq"))
 

@@ -1,6 +1,7 @@
 """VectorQuantizer / FSQ: loss placement, EMA, restarts, init, usage, FSQ round trips, multi-process sync."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vqvae.config import VQConfig
-from vqvae.quantizer import FSQ, VectorQuantizer, build_quantizer
+from vqvae.quantizer import FSQ, VectorQuantizer, build_quantizer, entropy_loss
 
 
 def make_vq(**kw) -> VectorQuantizer:
@@ -48,6 +49,56 @@ def test_beta_scales_only_the_commitment_term():
     z_grad = z.grad[0].permute(1, 2, 0).reshape(2, 2)  # back to (position, channel)
     assert torch.allclose(z_grad, 2 * beta * (ze - e) / n)  # encoder side: beta
     assert torch.allclose(q.codebook.grad, 2 * (e - ze) / n)  # codebook side: weight 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_entropy_loss_matches_its_definition_and_bounds(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k, d = (int(v) for v in torch.randint(2, 40, (3,), generator=g))
+    t = float(torch.rand((), generator=g)) * 2 + 0.05
+    x, codes = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    p = torch.softmax(-torch.cdist(x.double(), codes.double()) ** 2 / t, 1)  # written out independently
+    want = -torch.special.xlogy(p, p).sum(1).mean() + torch.special.xlogy(p.mean(0), p.mean(0)).sum()
+    got = entropy_loss(x, codes, t)
+    assert torch.allclose(got.double(), want, atol=1e-4) and -math.log(k) - 1e-4 <= float(got) <= math.log(k) + 1e-4
+    # its extremes: latents on their codes, the codes used evenly (-log K) or all latents on one code (0)
+    codes = torch.eye(k, d) * 10 if d >= k else torch.randn(k, d, generator=g) * 100
+    assert float(entropy_loss(codes.repeat(3, 1), codes, 0.01)) == pytest.approx(-math.log(k), abs=1e-3)
+    assert float(entropy_loss(codes[:1].repeat(3, 1), codes, 0.01)) == pytest.approx(0.0, abs=1e-3)
+
+
+def _codes_used_after_training_latents(seed: int, entropy_weight: float) -> tuple[int, int]:
+    """Latents bunched near one code, moved by SGD on the quantizer loss alone (EMA codebook): codes used before
+    and after."""
+    torch.manual_seed(seed)
+    q = make_vq(codebook_size=16, embed_dim=4, beta=0.0, ema=True, entropy_weight=entropy_weight,
+                entropy_temperature=1.0)
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(16, 4))
+    z = (torch.randn(1, 4, 8, 8) * 0.5 + q.codebook[0].view(1, 4, 1, 1)).requires_grad_()
+    opt = torch.optim.SGD([z], lr=50)
+    before = q(z).indices.unique().numel()
+    for _ in range(100):
+        opt.zero_grad()
+        loss = q(z).loss
+        if loss.requires_grad:  # (weight 0, beta 0: no loss term at all)
+            loss.backward()  # the EMA step rewrites the codebook in place after the loss: backward still works
+            opt.step()
+    q.eval()
+    return before, q(z).indices.unique().numel()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_entropy_weight_spreads_latents_over_the_codebook(seed):
+    before, off = _codes_used_after_training_latents(seed, 0.0)
+    same_before, on = _codes_used_after_training_latents(seed, 1.0)
+    assert before == same_before <= 5 and off <= before and on >= 7, (before, off, on)
+
+
+def test_entropy_loss_moves_latents_not_codes():
+    x, codes = torch.randn(6, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    entropy_loss(x, codes, 0.5).backward()
+    assert codes.grad is None and x.grad.abs().sum() > 0
 
 
 def test_straight_through_passes_gradient():

@@ -45,6 +45,12 @@ class VQModelConfig(Config):
     restart_after: int = opt(20, "Restart codes unused for this many steps with recent encoder outputs (0: off); "
                                  "raised to 16x the steps between uses of a code under uniform use (codebook size / "
                                  "tokens per step), so that large codebooks keep their rare codes.", ge=0, applies=_vq)
+    entropy_weight: float = opt(0.0, "Weight of the codebook-entropy loss (MaskGIT, LlamaGen): each latent's soft "
+                                     "assignment to the codes made confident, the batch's mean assignment spread over "
+                                     "the whole codebook; raises the share of codes in use (0: off).", ge=0,
+                                applies=_vq)
+    entropy_temperature: float = opt(0.1, "Temperature T of that loss's soft assignment, softmax(-||z - e||^2 / T) in "
+                                          "code space.", gt=0, applies=lambda c: _vq(c) and c.entropy_weight > 0)
     usage_window: int = opt(100, "Steps over which codebook usage is measured (raised like --restart-after).", ge=1)
     fsq_levels: tuple[int, ...] = opt((8, 5, 5, 5), "FSQ levels per dimension (codebook size = product).", ge=2,
                                       applies=lambda c: c.quantizer == "fsq")

@@ -63,6 +63,19 @@ def _nearest(x: torch.Tensor, codes: torch.Tensor, cosine: bool) -> torch.Tensor
     return torch.cat(out)
 
 
+def entropy_loss(x: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Codebook-entropy loss (MaskGIT; LlamaGen's entropy_loss_ratio) of latents x (N, D) against codes (K, D):
+    the mean entropy of each latent's soft assignment p = softmax(-||x - e||^2 / T), minus the entropy of p averaged
+    over the N latents. Between -log K (every latent on one code, the codes used evenly) and log K; its gradient
+    moves the latents only (the codebook follows by its own update), and the batch is this process's."""
+    codes = codes.detach().clone()  # a copy: an EMA or restart step rewrites the codebook before backward
+    logits = (2 * x @ codes.T - x.pow(2).sum(1, keepdim=True) - codes.pow(2).sum(1)) / temperature
+    logp = logits.log_softmax(1)
+    p = logp.exp()
+    mean = p.mean(0)
+    return -(p * logp).sum(1).mean() + (mean * mean.clamp_min(1e-12).log()).sum()
+
+
 def rotate_onto(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The rotation trick (Fifty et al. 2024, Algorithm 1): rows of z mapped onto the rows of q by a scaled rotation.
 
@@ -182,6 +195,7 @@ class VectorQuantizer(_UsageTracker):
         self.ema_decay = cfg.ema_decay
         self.rotation_trick = cfg.rotation_trick
         self.restart_after = cfg.restart_after
+        self.entropy_weight, self.entropy_temperature = cfg.entropy_weight, cfg.entropy_temperature
         # low-dimensional lookup (LlamaGen): codes of size code_dim between 1x1 projections
         low_dim = self.code_dim != cfg.embed_dim
         self.proj_in = nn.Conv2d(cfg.embed_dim, self.code_dim, 1) if low_dim else nn.Identity()
@@ -219,6 +233,8 @@ class VectorQuantizer(_UsageTracker):
         loss = self.beta * F.mse_loss(flat, e.detach())
         if not self.ema:
             loss = loss + F.mse_loss(e, flat.detach())
+        if self.training and self.entropy_weight > 0:
+            loss = loss + self.entropy_weight * entropy_loss(flat, codes, self.entropy_temperature)
         counts, perplexity = self._histogram(idx)
         if self.training:
             self._update(flat.detach(), idx, counts)
