@@ -223,11 +223,15 @@ def test_training_runs_log_system_metrics_unless_turned_off(tracking_dir, datase
 
 def test_constant_lr_is_charted_only_while_the_warmup_ramps_it(tracking_dir, dataset):
     # the default, official constant rate: after the warm-up a chart would be a flat line
+    # (with the codebook-entropy loss on, as an option of the same real training loop: it trains, and its two
+    # options are logged as params, the temperature only where the loss is on)
     res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "6", "--lr-warmup-steps", "2",
-                 "--no-system-metrics", "--experiment", "ux-lr-constant")
+                 "--entropy-weight", "0.05", "--no-system-metrics", "--experiment", "ux-lr-constant")
     assert res.exit_code == 0, res.output
     lr = mlflow.MlflowClient().get_metric_history(last_line(res.stdout), "train/lr")
     assert [(m.step, m.value) for m in lr] == [(1, 1.5e-4), (2, 3e-4), (3, 3e-4)]
+    params = mlflow.MlflowClient().get_run(last_line(res.stdout)).data.params
+    assert params["entropy_weight"] == "0.05" and params["entropy_temperature"] == "0.1"
 
 
 def test_no_lr_chart_when_the_warmup_fits_in_one_logging_interval(tracking_dir, dataset):
@@ -238,6 +242,7 @@ def test_no_lr_chart_when_the_warmup_fits_in_one_logging_interval(tracking_dir, 
     run = mlflow.MlflowClient().get_run(last_line(res.stdout))
     assert "train/lr" not in run.data.metrics and "train/total_loss" in run.data.metrics
     assert run.data.params["lr_warmup_steps"] == "2"  # the schedule stays readable as params
+    assert run.data.params["entropy_weight"] == "0.0" and "entropy_temperature" not in run.data.params
 
 
 def test_unknown_model_reference_is_a_one_line_error(tracking_dir):
