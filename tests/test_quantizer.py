@@ -58,13 +58,13 @@ def test_entropy_loss_matches_its_definition_and_bounds(seed):
     t = float(torch.rand((), generator=g)) * 2 + 0.05
     x, codes = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     p = torch.softmax(-torch.cdist(x.double(), codes.double()) ** 2 / t, 1)  # written out independently
-    want = -torch.special.xlogy(p, p).sum(1).mean() + torch.special.xlogy(p.mean(0), p.mean(0)).sum()
+    want = -torch.special.xlogy(p, p).sum(1).mean() + torch.special.xlogy(p.mean(0), p.mean(0)).sum() + math.log(k)
     got = entropy_loss(x, codes, t)
-    assert torch.allclose(got.double(), want, atol=1e-4) and -math.log(k) - 1e-4 <= float(got) <= math.log(k) + 1e-4
-    # its extremes: latents on their codes, the codes used evenly (-log K) or all latents on one code (0)
+    assert torch.allclose(got.double(), want, atol=1e-4) and -1e-4 <= float(got) <= 2 * math.log(k) + 1e-4
+    # its extremes: latents on their codes, the codes used evenly (0) or all latents on one code (log K)
     codes = torch.eye(k, d) * 10 if d >= k else torch.randn(k, d, generator=g) * 100
-    assert float(entropy_loss(codes.repeat(3, 1), codes, 0.01)) == pytest.approx(-math.log(k), abs=1e-3)
-    assert float(entropy_loss(codes[:1].repeat(3, 1), codes, 0.01)) == pytest.approx(0.0, abs=1e-3)
+    assert float(entropy_loss(codes.repeat(3, 1), codes, 0.01)) == pytest.approx(0.0, abs=1e-3)
+    assert float(entropy_loss(codes[:1].repeat(3, 1), codes, 0.01)) == pytest.approx(math.log(k), abs=1e-3)
 
 
 def _codes_used_after_training_latents(seed: int, entropy_weight: float) -> tuple[int, int]:

@@ -66,14 +66,16 @@ def _nearest(x: torch.Tensor, codes: torch.Tensor, cosine: bool) -> torch.Tensor
 def entropy_loss(x: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
     """Codebook-entropy loss (MaskGIT; LlamaGen's entropy_loss_ratio) of latents x (N, D) against codes (K, D):
     the mean entropy of each latent's soft assignment p = softmax(-||x - e||^2 / T), minus the entropy of p averaged
-    over the N latents. Between -log K (every latent on one code, the codes used evenly) and log K; its gradient
-    moves the latents only (the codebook follows by its own update), and the batch is this process's."""
+    over the N latents, plus log K so that it is never negative (a negative train/q_loss reads as a bug; the
+    constant changes no gradient). 0 when every latent sits on one code and the codes are used evenly, at most
+    2 log K; its gradient moves the latents only (the codebook follows by its own update), and the batch is this
+    process's."""
     codes = codes.detach().clone()  # a copy: an EMA or restart step rewrites the codebook before backward
     logits = (2 * x @ codes.T - x.pow(2).sum(1, keepdim=True) - codes.pow(2).sum(1)) / temperature
     logp = logits.log_softmax(1)
     p = logp.exp()
     mean = p.mean(0)
-    return -(p * logp).sum(1).mean() + (mean * mean.clamp_min(1e-12).log()).sum()
+    return -(p * logp).sum(1).mean() + (mean * mean.clamp_min(1e-12).log()).sum() + math.log(codes.shape[0])
 
 
 def rotate_onto(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
