@@ -96,8 +96,9 @@ class Check:
 
 
 def run_cuda_tests(timeout: float) -> None:
-    """``pytest -m cuda`` (skipped, not failed, without a GPU); its summary line."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:randomly", str(ROOT / "tests")]
+    """``pytest -m cuda`` (skipped, not failed, without a GPU); its summary line. In one process (``-n 0``, not
+    pytest.ini's worker per core): the tests share the one GPU and some time it."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", "-p", "no:randomly", str(ROOT / "tests")]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         lines = res.stdout.strip().splitlines()

@@ -113,6 +113,24 @@ def test_gpu_check_dry_run():
         assert re.search(rf"{re.escape(name)}[^\n]*\s\d+\.\d+ (img|tok)/s", res.stdout), (name, res.stdout)
 
 
+def test_gpu_check_runs_the_cuda_tests_in_one_process(monkeypatch, capsys):
+    """The suite runs one worker per core (pytest.ini); the CUDA tests that gpu_check.py runs share one GPU and time
+    it, so they run in one process, and the summary line is passed on."""
+    from benchmarks import gpu_check
+
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="....\n4 passed in 2.00s\n", stderr="")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    gpu_check.run_cuda_tests(60)
+    (cmd,) = seen
+    assert cmd[cmd.index("-n") + 1] == "0" and cmd[cmd.index("-m", 3) + 1] == "cuda", cmd
+    assert "cuda tests: 4 passed in 2.00s (exit 0)" in capsys.readouterr().out
+
+
 def test_scale_quick():
     """benchmarks/scale.py runs each stage in its own process and prints peak RSS, the ratio and bytes per code
     (train's table is the same code with larger fake runs: left out here for time)."""
