@@ -19,6 +19,10 @@ def scratch_tracking() -> Path:
     import mlflow
 
     d = Path(tempfile.mkdtemp(prefix="bench-"))
+    # an experiment inherited from the caller names one of another store: MLflow's set_experiment exports
+    # MLFLOW_EXPERIMENT_ID to child processes, and start_run would look for it here and fail
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(var, None)
     os.chdir(d)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

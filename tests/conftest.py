@@ -63,6 +63,15 @@ def no_network_downloads(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_experiment():
+    """MLflow's set_experiment (every in-process stage) exports MLFLOW_EXPERIMENT_ID for child processes: drop it
+    after each test, so a later test's subprocess with a store of its own does not inherit another store's
+    experiment (which of them ran first depends on how the tests are spread over the workers)."""
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture(scope="session")
 def tracking_dir(tmp_path_factory) -> Path:
     """One SQLite tracking store per test session, created up front (concurrent first use fails)."""

@@ -1,6 +1,7 @@
 """The speed benchmarks that back README's table still run (--quick) and their correctness checks hold."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -129,6 +130,20 @@ def test_gpu_check_runs_the_cuda_tests_in_one_process(monkeypatch, capsys):
     (cmd,) = seen
     assert cmd[cmd.index("-n") + 1] == "0" and cmd[cmd.index("-m", 3) + 1] == "cuda", cmd
     assert "cuda tests: 4 passed in 2.00s (exit 0)" in capsys.readouterr().out
+
+
+def test_scratch_store_ignores_an_experiment_inherited_from_the_caller(tmp_path):
+    """A benchmark started from a process that set an MLflow experiment (which exports MLFLOW_EXPERIMENT_ID to its
+    children: a test run, an MLflow project) still logs to its own fresh store instead of failing to find it."""
+    code = ("from common import scratch_tracking; import mlflow; scratch_tracking(); "
+            "run = mlflow.start_run(); mlflow.end_run(); print(run.info.experiment_id)")
+    env = {**os.environ, "MLFLOW_EXPERIMENT_ID": "12345", "MLFLOW_EXPERIMENT_NAME": "elsewhere",
+           "TMPDIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-1] == "0", res.stdout  # the fresh store's default experiment
+    assert list(tmp_path.glob("bench-*/mlflow.db")), list(tmp_path.iterdir())
 
 
 def test_scale_quick():
