@@ -97,7 +97,7 @@ class Check:
 
 def run_cuda_tests(timeout: float) -> None:
     """``pytest -m cuda`` (skipped, not failed, without a GPU); its summary line. In one process (``-n 0``, not
-    pytest.ini's worker per core): the tests share the one GPU and some time it."""
+    pytest.ini's worker per core): the tests share the one GPU, and workers would compete for its memory."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", "-p", "no:randomly", str(ROOT / "tests")]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -115,8 +115,8 @@ def test_gpu_check_dry_run():
 
 
 def test_gpu_check_runs_the_cuda_tests_in_one_process(monkeypatch, capsys):
-    """The suite runs one worker per core (pytest.ini); the CUDA tests that gpu_check.py runs share one GPU and time
-    it, so they run in one process, and the summary line is passed on."""
+    """The suite runs one worker per core (pytest.ini); the CUDA tests that gpu_check.py runs share one GPU, so they
+    run in one process, and the summary line is passed on."""
     from benchmarks import gpu_check
 
     seen = []
