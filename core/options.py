@@ -2,7 +2,8 @@
 
 A field's ``metadata`` may hold ``help``, ``choices``, ``multiple`` (a repeatable option), a valid range
 (``ge``/``gt``/``le``/``lt``; for tuples, per item) and ``applies`` (a predicate on the config: whether the
-option means anything with the other options chosen; inapplicable options are not logged as params) and
+option means anything with the other options chosen; inapplicable options are not logged as params, and one the
+user set says so on stderr, naming ``needs``, the text of what it applies to) and
 ``legacy`` (the behaviour of runs saved before the option existed, used when resuming them).
 Tuple fields are written on the command line as comma-separated lists ("1,2,4").
 
@@ -13,8 +14,9 @@ error before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import click
 
@@ -32,10 +34,13 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 
 def opt(default: Any, help_: str, **meta: Any) -> Any:
     """A config field with its CLI help, and optionally ``choices``, ``multiple``, a range (``ge``, ``gt``,
-    ``le``, ``lt``) and ``applies`` (predicate on the config) in the metadata."""
-    unknown = set(meta) - {"choices", "multiple", "cli", "applies", "legacy", *_BOUNDS}
+    ``le``, ``lt``) and ``applies`` (predicate on the config) with ``needs`` (what it applies to, for the user) in
+    the metadata."""
+    unknown = set(meta) - {"choices", "multiple", "cli", "applies", "needs", "legacy", *_BOUNDS}
     if unknown:
         raise TypeError(f"unknown option metadata {sorted(unknown)}")
+    if ("applies" in meta) != ("needs" in meta):
+        raise TypeError("an option's `applies` predicate comes with `needs`, the text of what it applies to")
     return dataclasses.field(default=default, metadata={"help": help_, **meta})
 
 
@@ -187,6 +192,23 @@ def config_params(cfg: Any) -> dict[str, Any]:
     applies = {f.name: f.metadata.get("applies") for f in dataclasses.fields(cfg)}
     return {k: v for k, v in flat_values(cfg).items()
             if v != "" and (applies[k] is None or applies[k](cfg))}
+
+
+def unused_options(cfg: Any, given: Iterable[str]) -> list[str]:
+    """Of the options in ``given`` (those the user set), the ones that do nothing with the others chosen, each as
+    "--flag (needs ...)"."""
+    given = set(given)
+    return [f"--{f.name.replace('_', '-')} (needs {f.metadata['needs']})" for f in dataclasses.fields(cfg)
+            if f.name in given and "applies" in f.metadata and not f.metadata["applies"](cfg)]
+
+
+def note_unused(cfg: Any, given: Iterable[str], where: str = "") -> None:
+    """One line on stderr naming the options the user set that do nothing with the others chosen: they are not
+    used and not logged as params, which a user would otherwise find out only by their absence. Under torchrun
+    only the first process says it."""
+    unused = unused_options(cfg, given)
+    if unused and os.environ.get("RANK", "0") == "0":
+        click.echo(f"note: {where}ignored (not used, not logged): {', '.join(unused)}", err=True)
 
 
 def explicit_options(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:

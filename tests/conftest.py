@@ -123,10 +123,12 @@ def image_steps(run_id: str, key: str) -> list[int]:
 
 
 def error_line(stderr: str) -> str:
-    """A failed command's one-line error: stderr holds nothing else but progress bars and MLflow's own logs."""
+    """A failed command's one-line error: stderr holds nothing else but progress bars, MLflow's own logs and the
+    note naming options that do nothing (TINY_VQ's GAN options in runs shorter than --disc-start)."""
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines()
-             if line.strip() and "%|" not in line and not re.match(r"\d{4}/\d\d/\d\d [\d:]+ [A-Z]+ mlflow", line)]
+             if line.strip() and "%|" not in line and not re.match(r"\d{4}/\d\d/\d\d [\d:]+ [A-Z]+ mlflow", line)
+             and not line.startswith("note: ignored (not used, not logged): ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), lines
     return lines[0]
 

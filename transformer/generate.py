@@ -23,7 +23,7 @@ from tqdm import tqdm
 from core.checkpoint import load_checkpoint, load_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
-from core.options import Config, build_config, config_options, opt
+from core.options import Config, build_config, config_options, explicit_options, note_unused, opt
 from core.runtime import gather_rows, setup_runtime, teardown
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
                            stage_run, with_tracking_options)
@@ -56,7 +56,8 @@ class GenerateConfig(Config):
     best_of: int = opt(1, "Draw K candidates per sample and keep the most likely.", ge=1)
     context_image: str = opt(None, "Complete this image: its top rows are kept, the rest is sampled.")
     context_fraction: float = opt(0.5, "Share of the grid's rows taken from --context-image.", gt=0, lt=1,
-                                applies=lambda c: bool(c.context_image))
+                                applies=lambda c: bool(c.context_image),
+                                needs="--context-image")
     latent_size: str = opt(None, "Code grid HxW to sample, e.g. 32x32 (default: the training grid). Larger grids "
                                 "need a model trained with --window-size.")
     batch_size: int = opt(64, "Samples per batch.", ge=1)
@@ -64,7 +65,7 @@ class GenerateConfig(Config):
     cache: bool = opt(True, "Use the key/value cache (--no-cache: recompute the whole prefix per token; slow, "
                            "for reference).")
     compile: bool = opt(False, "torch.compile the decode step into CUDA graphs (CUDA only; ignored on CPU).",
-                        applies=lambda c: c.cache)
+                        applies=lambda c: c.cache, needs="--cache")
     precision: str = opt("fp32", "Weights and key/value cache dtype while sampling (bf16/fp16 halve the memory "
                                  "decoding streams; the draws stay in float64).", choices=list(PRECISIONS))
     device: str = opt("auto", "Device.", choices=["auto", "cpu", "cuda"])
@@ -255,9 +256,11 @@ def _generate(rt, cfg: GenerateConfig, tracking_uri: str | None, experiment: str
 @config_options(GenerateConfig)
 @run_name_option
 @with_tracking_options
-def generate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+@click.pass_context
+def generate_command(ctx: click.Context, tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Sample code grids from a trained transformer (prints the run ID last); `decode` turns them into images."""
     cfg = build_config(GenerateConfig, values)
     if not cfg.transformer_run_id:
         raise UserError("--transformer-run-id is required (the run ID printed by train)")
+    note_unused(cfg, explicit_options(ctx, values))
     run_generate(cfg, tracking_uri, experiment)

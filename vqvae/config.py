@@ -14,6 +14,11 @@ def _vq(cfg: "VQModelConfig") -> bool:
     return cfg.quantizer == "vq"
 
 
+# when an option means anything (`core.options.opt`: not logged otherwise, and a note if the user set it)
+VQ = {"applies": _vq, "needs": "--quantizer vq"}
+GAN = {"applies": lambda c: c.gan_used, "needs": "the GAN: --disc-start below --max-steps"}
+
+
 @dataclass
 class VQModelConfig(Config):
     """Encoder/decoder and quantizer architecture (taming-style; the published f16 model is ch 128,
@@ -31,29 +36,31 @@ class VQModelConfig(Config):
     # with dead-code restarts. On the tuning photo patches they match l2-normalised 8-dim codes (LlamaGen's recipe)
     # in PSNR and use more of the codebook on unseen patches; without restarts wide codes collapse.
     quantizer: str = opt("vq", "Vector quantizer or finite scalar quantization.", choices=["vq", "fsq"])
-    codebook_size: int = opt(256, "Number of codes (vq).", ge=2, applies=_vq)
-    code_dim: int = opt(0, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, applies=_vq)
-    beta: float = opt(0.25, "Commitment weight: beta * ||z_e - sg[e]||^2.", ge=0, applies=_vq)
-    l2_norm: bool = opt(False, "l2-normalise latents and codes (cosine-similarity lookup).", applies=_vq)
+    codebook_size: int = opt(256, "Number of codes (vq).", ge=2, **VQ)
+    code_dim: int = opt(0, "Low-dimensional code lookup with in/out projections (0: embed_dim).", ge=0, **VQ)
+    beta: float = opt(0.25, "Commitment weight: beta * ||z_e - sg[e]||^2.", ge=0, **VQ)
+    l2_norm: bool = opt(False, "l2-normalise latents and codes (cosine-similarity lookup).", **VQ)
     ema: bool = opt(True, "Update the codebook by exponential moving averages instead of the codebook loss.",
-                    applies=_vq)
-    ema_decay: float = opt(0.99, "EMA decay.", ge=0, lt=1, applies=lambda c: _vq(c) and c.ema)
+                    **VQ)
+    ema_decay: float = opt(0.99, "EMA decay.", ge=0, lt=1, applies=lambda c: _vq(c) and c.ema,
+                            needs="--quantizer vq with --ema")
     # off by default: +0.2 dB but a lower perplexity at 150 steps on photo patches (benchmarks/quality.py)
     rotation_trick: bool = opt(False, "Pass gradients through the quantizer by rotating the encoder output onto its "
                                       "code (Fifty et al. 2024) instead of copying them (straight-through).",
-                               applies=_vq)
+                               **VQ)
     restart_after: int = opt(20, "Restart codes unused for this many steps with recent encoder outputs (0: off); "
                                  "raised to 16x the steps between uses of a code under uniform use (codebook size / "
-                                 "tokens per step), so that large codebooks keep their rare codes.", ge=0, applies=_vq)
+                                 "tokens per step), so that large codebooks keep their rare codes.", ge=0, **VQ)
     entropy_weight: float = opt(0.0, "Weight of the codebook-entropy loss (MaskGIT, LlamaGen): each latent's soft "
                                      "assignment to the codes made confident, the batch's mean assignment spread over "
                                      "the whole codebook; raises the share of codes in use (0: off).", ge=0,
-                                applies=_vq)
+                                **VQ)
     entropy_temperature: float = opt(0.1, "Temperature T of that loss's soft assignment, softmax(-||z - e||^2 / T) in "
-                                          "code space.", gt=0, applies=lambda c: _vq(c) and c.entropy_weight > 0)
+                                          "code space.", gt=0, applies=lambda c: _vq(c) and c.entropy_weight > 0,
+                                      needs="--quantizer vq with --entropy-weight above 0")
     usage_window: int = opt(100, "Steps over which codebook usage is measured (raised like --restart-after).", ge=1)
     fsq_levels: tuple[int, ...] = opt((8, 5, 5, 5), "FSQ levels per dimension (codebook size = product).", ge=2,
-                                      applies=lambda c: c.quantizer == "fsq")
+                                      applies=lambda c: c.quantizer == "fsq", needs="--quantizer fsq")
 
     @property
     def downsample_factor(self) -> int:
@@ -85,18 +92,19 @@ class VQConfig(LoopOptions, VQModelConfig):
     # codebook initialisation
     codebook_init: str = opt("none", "Initialise codes from encoder outputs after the AE warm-up (or at step 0 "
                                      "with --init-from).",
-                             choices=["none", "kmeans", "random"], applies=_vq)
+                             choices=["none", "kmeans", "random"], **VQ)
     warmup_steps: int = opt(0, "Autoencoder warm-up steps without quantization.", ge=0)
     # losses
     rec_loss: str = opt("l1", "Pixel reconstruction loss.", choices=["l1", "l2"])
     perceptual_weight: float = opt(1.0, "LPIPS (VGG16) weight; 0 disables it (no pretrained weights needed).", ge=0)
     perceptual_backbone: str = opt("pretrained", "LPIPS backbone: torchvision VGG16 weights, or random init (tests).",
-                                   choices=["pretrained", "random"], applies=lambda c: c.perceptual_weight > 0)
-    codebook_weight: float = opt(1.0, "Weight of the quantizer loss.", ge=0, applies=_vq)
-    disc_weight: float = opt(0.8, "Weight of the adaptive GAN term.", ge=0, applies=lambda c: c.gan_used)
+                                   choices=["pretrained", "random"], applies=lambda c: c.perceptual_weight > 0,
+                                   needs="--perceptual-weight above 0")
+    codebook_weight: float = opt(1.0, "Weight of the quantizer loss.", ge=0, **VQ)
+    disc_weight: float = opt(0.8, "Weight of the adaptive GAN term.", ge=0, **GAN)
     disc_start: int = opt(10_000, "Step at which the discriminator and GAN loss switch on.", ge=0)
-    disc_layers: int = opt(3, "PatchGAN layers.", ge=1, applies=lambda c: c.gan_used)
-    disc_ch: int = opt(64, "PatchGAN base channels.", ge=1, applies=lambda c: c.gan_used)
+    disc_layers: int = opt(3, "PatchGAN layers.", ge=1, **GAN)
+    disc_ch: int = opt(64, "PatchGAN base channels.", ge=1, **GAN)
     # optimisation
     batch_size: int = opt(16, "Images per micro-batch (per process).", ge=1)
     # measured with benchmarks/quality.py (32-px photo patches, batch 16, 400 steps, 20 warm-up steps): val PSNR
@@ -109,7 +117,8 @@ class VQConfig(LoopOptions, VQModelConfig):
                                        "to --min-lr at --max-steps (sharper reconstructions in a short run).",
                            choices=["constant", "cosine"])
     min_lr: float = opt(0.0, "Learning rate at the end of the cosine decay.", ge=0,
-                        applies=lambda c: c.lr_schedule == "cosine")
+                        applies=lambda c: c.lr_schedule == "cosine",
+                        needs="--lr-schedule cosine")
     adam_betas: tuple[float, ...] = opt((0.5, 0.9), "Adam betas (beta1,beta2) of the autoencoder and the "
                                                     "discriminator (the official taming recipe: 0.5,0.9).",
                                         ge=0, lt=1, legacy=(0.5, 0.9))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from core.data import ImageDataset, read_manifest, resolve_workers
 from core.errors import UserError
 from core.images import comparison_grid
-from core.options import WORKERS_HELP, Config, build_config, config_options, opt
+from core.options import WORKERS_HELP, Config, build_config, config_options, explicit_options, note_unused, opt
 from core.runtime import setup_runtime
 from core.tracking import artifact_folder, connect, resolve_run_ids, with_tracking_options
 from vqvae.quantize import usage_stats
@@ -42,10 +42,11 @@ class EvalConfig(Config):
     generate_run_id: str = opt(None, "Instead: a generate run whose samples to score (FID, Inception Score, "
                                      "precision/recall) against --manifest's images.")
     npz: str = opt(None, "With --generate-run-id: also write the samples to this .npz (arr_0, uint8 NHWC: the "
-                         "file OpenAI's ADM evaluator reads).", applies=lambda c: bool(c.generate_run_id))
+                         "file OpenAI's ADM evaluator reads).", applies=lambda c: bool(c.generate_run_id),
+                         needs="--generate-run-id")
     feature_extractor: str = opt("inception-v3-compat", "With --generate-run-id: torch-fidelity feature extractor "
                                  "(inception-v3-compat gives the published FID/IS).",
-                                 applies=lambda c: bool(c.generate_run_id))
+                                 applies=lambda c: bool(c.generate_run_id), needs="--generate-run-id")
     manifest: str = opt(None, "Manifest whose val split to use (default: the tokenizer's, split as in training).")
     max_images: int = opt(None, "Evaluate at most this many val images (default: all).", ge=1)
     batch_size: int = opt(32, "Images per batch.", ge=1)
@@ -201,7 +202,8 @@ def evaluate(cfg: EvalConfig, tracking_uri: str | None = None, experiment: str |
 @click.command("evaluate")
 @config_options(EvalConfig)
 @with_tracking_options
-def evaluate_command(tracking_uri: str | None, experiment: str, **values: Any) -> None:
+@click.pass_context
+def evaluate_command(ctx: click.Context, tracking_uri: str | None, experiment: str, **values: Any) -> None:
     """Measure a tokenizer's reconstructions on its val split; logs eval/* onto its run (prints the run ID last).
 
     With --generate-run-id and --manifest: FID, Inception Score and precision/recall of a generate run's samples
@@ -211,6 +213,7 @@ def evaluate_command(tracking_uri: str | None, experiment: str, **values: Any) -
     cache; without them they are skipped with a note (tag eval/<metric>_note), not an error.
     """
     cfg = build_config(EvalConfig, values)
+    note_unused(cfg, explicit_options(ctx, values))
     if cfg.generate_run_id:
         from vqvae.sample_metrics import generation_metrics
 

@@ -17,7 +17,7 @@ from core.errors import UserError
 from core.health import check_codebook, check_psnr
 from core.images import comparison_grid
 from core.loop import TrainLoop, cosine_lr, ignore_stop_signals, step_optimizer, training_session
-from core.options import build_config, config_options, explicit_options
+from core.options import build_config, config_options, explicit_options, note_unused
 from core.runtime import Runtime, average_gradients, fused_adam
 from core.tracking import data_name, log_manifest, log_step_image, run_name_option, stage_run, with_tracking_options
 from core.weights import log_model_weights
@@ -303,4 +303,6 @@ def train_vqvae_command(ctx: click.Context, resume_run_id: str | None, register:
     cfg = build_config(VQConfig, values)
     if not resume_run_id and cfg.manifest is None:
         raise UserError("--manifest is required (a CSV with an image_path column), unless --resume is given")
-    train_vqvae(cfg, resume_run_id, explicit_options(ctx, values), tracking_uri, experiment, register)
+    given = explicit_options(ctx, values)
+    note_unused(cfg, given)
+    train_vqvae(cfg, resume_run_id, given, tracking_uri, experiment, register)

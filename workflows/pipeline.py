@@ -21,7 +21,7 @@ import yaml
 
 from core.data import data_fingerprint, read_manifest
 from core.errors import UserError
-from core.options import build_config
+from core.options import build_config, note_unused
 from core.tracking import (NOTE_TAG, code_version, connect, data_name, describe, download, get_run, run_link, run_params,
                            run_name_option, stage_run, with_tracking_options, wrap_command)
 from transformer.config import GPTTrainConfig
@@ -136,6 +136,7 @@ def stage_config(stage: Stage, values: dict[str, Any]) -> Any:
         cfg = build_config(stage.config, values)
     except click.BadParameter as exc:
         raise UserError(f"[{stage.section}]: {exc.message}") from None
+    note_unused(cfg, values, f"[{stage.section}] ")  # every value here was set by the user (config file, --set)
     for name in PATH_FIELDS:
         if getattr(cfg, name, None):
             cfg = replace(cfg, **{name: str(Path(getattr(cfg, name)).resolve())})
