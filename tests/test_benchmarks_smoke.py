@@ -211,6 +211,7 @@ def test_quality_conditional_averages_transformers_of_one_tokenizer(tmp_path, mo
     assert made == [{"seed": 7}]  # one tokenizer
     assert calls == [("q-vq", 7, 7), ("q-vq", 1007, 1007), ("q-vq", 2007, 2007)]
     assert res["accuracy"] == pytest.approx(0.5) and res["per_transformer"] == [0.3, 0.5, 0.7]
+    assert res["transformer_seeds"] == [7, 1007, 2007]  # what a paired comparison needs
     assert res["val_loss"] == pytest.approx((0.007 + 1.007 + 2.007) / 3)
     assert (res["recon"], res["real"], res["psnr"]) == (0.75, 1.0, 18.0)
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--transformer-seeds", "0"],
