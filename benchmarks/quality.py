@@ -267,13 +267,11 @@ def conditional(manifest: Path, features, steps: int, old: bool, per_class: int,
     vq_id, vq = tokenizer(manifest, steps, old, **(vq_extra or {}))
     with quiet():
         q_id = quantize(QuantizeConfig(vqvae_run_id=vq_id, num_workers=0))
-    runs = []
     # the first keeps the tokenizer's seed: figures from before stay comparable. Compare two tokenizers only on the
     # same transformer seeds (kept in the JSON): the seed alone moves the samples by up to 20 points (ninth round)
     seeds = [seed + 1000 * k for k in range(transformer_seeds)]
-    for s in ({"seed": t} for t in seeds):
-        runs.append(sample_accuracy(q_id, manifest, features, steps, per_class, stage_values("train", old, s),
-                                    stage_values("generate", old, s)))
+    runs = [sample_accuracy(q_id, manifest, features, steps, per_class, stage_values("train", old, {"seed": t}),
+                            stage_values("generate", old, {"seed": t})) for t in seeds]
     return {"accuracy": float(np.mean([r["accuracy"] for r in runs])), "real": runs[0]["real"],
             "val_loss": float(np.mean([r["val_loss"] for r in runs])),
             "recon": recon_accuracy(q_id, manifest, features), "psnr": vq["psnr"], "usage": vq["usage"],
