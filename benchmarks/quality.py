@@ -283,7 +283,8 @@ def recon_accuracy(q_id: str, manifest: Path, features) -> float:
     read by the classifier, against their labels."""
     with quiet():
         dec_id = decode(build_config(DecodeConfig, {"run_id": q_id, "split": "val", "max_images": 10**6}))
-    index = pd.read_csv(download(q_id, "index.csv"))
+    # labels as text, as the classifier was fit: the digits' labels 0-9 read as numbers matched none (a 0% ceiling)
+    index = pd.read_csv(download(q_id, "index.csv"), dtype={"label": str})
     labels = index[index.split == "val"].sort_values("row").label.to_numpy()
     pred = read_decoded(dec_id, manifest, features)
     if len(pred) != len(labels):
