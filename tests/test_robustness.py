@@ -242,10 +242,54 @@ def test_weight_ema_averages_weights_and_copies_codebook_and_buffers():
     ema.update()
     averaged = ema.module.state_dict()
     weight = "decoder.conv_out.weight"
-    assert torch.allclose(averaged[weight], 0.75 * before[weight] + 0.25 * model.state_dict()[weight])
+    new = 0.25 / (1 - 0.75 ** 2)  # bias-corrected: the second update's weight
+    assert torch.allclose(averaged[weight], (1 - new) * before[weight] + new * model.state_dict()[weight])
     assert torch.equal(averaged["quantizer.codebook"], model.quantizer.codebook)
     assert averaged["quantizer.step"].item() == 3
     assert WeightEMA(model, 0.0).module is model
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.99, 0.999])
+def test_weight_ema_is_the_bias_corrected_mean_of_the_trained_weights(decay):
+    """After k applied updates the average is sum_i decay^(k-i) w_i / sum_i decay^(k-i) over the weights w_1..w_k
+    seen at the updates: no share of the initial weights (an uncorrected 0.99 average of 100 steps keeps 37% of
+    them), and skipped steps count for nothing."""
+    from core.ema import WeightEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, decay)
+    seen = []
+    for k in range(12):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3) * 10)
+        applied = k % 4 != 3
+        ema.update(torch.tensor(applied))
+        seen += [model.weight.clone()] if applied else []
+        coef = torch.tensor([decay ** (len(seen) - 1 - i) for i in range(len(seen))], dtype=torch.float64)
+        expected = (coef[:, None, None] * torch.stack(seen).double()).sum(0) / coef.sum()
+        assert torch.allclose(ema.module.weight.double(), expected, rtol=1e-4, atol=1e-4), k
+
+
+def test_checkpoint_fallback_loads_the_weights_the_run_evaluated():
+    """Runs without a weights-only model load from their checkpoint: the average when the run kept one (what its
+    validation used and its model artifact would hold), else the trained weights."""
+    from core.ema import WeightEMA, evaluated_weights
+
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, 0.9)
+    ema.update()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    ckpt = {"model": model.state_dict(), "ema": ema.state_dict()}
+    got = evaluated_weights(ckpt)
+    assert got.keys() == model.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in ema.module.state_dict().items())
+    assert not torch.equal(got["weight"], model.weight)
+    for off in (None, {}, "junk"):
+        assert evaluated_weights({"model": ckpt["model"], "ema": off}) is ckpt["model"]
+    assert evaluated_weights({"model": ckpt["model"]}) is ckpt["model"]
 
 
 # --- the GPU code paths, on CPU --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_weights
+from core.ema import evaluated_weights
 from core.errors import UserError
 from core.images import grid_image, load_rgb
 from core.options import Config, build_config, config_options, explicit_options, note_unused, opt
@@ -94,7 +95,7 @@ def load_transformer(run_id: str, device: torch.device, which: str = "best") -> 
     what = f"transformer {'model' if weights else 'checkpoint'} of run {run_id}"
     if weights is None:
         checkpoint, _ = load_checkpoint(run_id)
-        weights = checkpoint["model"], checkpoint["model_config"], None
+        weights = evaluated_weights(checkpoint), checkpoint["model_config"], None
     state, mcfg, _ = weights
     model = GPT(GPTConfig.from_saved(mcfg))
     load_weights(model, state, what)

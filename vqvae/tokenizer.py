@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from core.checkpoint import load_checkpoint, load_weights
+from core.ema import evaluated_weights
 from core.errors import UserError
 from core.options import config_from_dict
 from core.tracking import get_run
@@ -77,7 +78,7 @@ def load_vq_model(run_id: str) -> tuple[VQModel, VQModelConfig, int]:
         cfg, what = config_from_dict(VQModelConfig, config), f"tokenizer model of run {run_id}"
     else:
         ckpt, _ = load_checkpoint(run_id)
-        state, step = ckpt["model"], int(ckpt.get("step", 0))
+        state, step = evaluated_weights(ckpt), int(ckpt.get("step", 0))
         cfg, what = config_from_dict(VQConfig, ckpt["config"]), f"tokenizer checkpoint of run {run_id}"
     model = VQModel(cfg)
     load_weights(model, state, what)
