@@ -57,7 +57,7 @@ SHAPES = ("circle", "square", "triangle")
 # The defaults before issue 22, for the options it changed (stage -> option -> old value). (Issue 22 also made
 # the restart threshold and usage window scale with the codebook: no change at 256 codes and 1024 tokens a step.)
 OLD: dict[str, dict] = {
-    "vqvae": {"code_dim": 8, "l2_norm": True, "ema": False},
+    "vqvae": {"code_dim": 8, "l2_norm": True, "ema": False, "ema_weights": 0.0},
     "train": {},
     "generate": {"cfg_scale": 3.0, "top_k": 20},
 }

@@ -90,7 +90,7 @@ def test_stalled_tokenizer_psnr_names_the_options_that_help(monkeypatch, capsys)
     from vqvae.config import VQConfig
 
     monkeypatch.setattr(health, "_psnr", {})
-    cfg = VQConfig(warmup_steps=10, l2_norm=True, code_dim=8, ema=False, restart_after=20)
+    cfg = VQConfig(warmup_steps=10, l2_norm=True, code_dim=8, ema=False, restart_after=20, ema_weights=0.0)
     health.check_psnr(cfg, 10, 5.0)  # the warm-up's end: not counted
     for step, psnr in ((100, 18.0), (200, 19.9), (300, 20.0)):  # still gaining over two intervals
         health.check_psnr(cfg, step, psnr)
@@ -99,7 +99,8 @@ def test_stalled_tokenizer_psnr_names_the_options_that_help(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "PSNR stalled at step 400: 20.1 dB, +0.20 dB since step 200" in err
     assert "--ema" in err and "--no-l2-norm" in err and "--code-dim 0" in err and "--restart-after" not in err
-    assert "--codebook-size (now 256)" in err and "--adam-betas 0.9,0.99" in err
+    assert "--codebook-size (now 256)" in err and "--adam-betas 0.9,0.99" in err and "--ema-weights 0.99" in err
+    assert "--ema-weights" not in health.psnr_remedies(VQConfig())  # on by default
     assert health.psnr_remedies(VQConfig(ema=True, l2_norm=False, code_dim=0, adam_betas=(0.9, 0.99),
                                          lr_schedule="cosine")).startswith("a larger --codebook")
     assert "--fsq-levels" in health.psnr_remedies(VQConfig(quantizer="fsq"))

@@ -325,21 +325,27 @@ def test_every_stage_works_on_an_imported_tokenizer(imports, dataset, monkeypatc
 
 
 def test_trained_runs_log_weights_only_models(vqvae_run, monkeypatch, tmp_path):
-    """A trained tokenizer's weights-only model equals its last checkpoint's weights and is what inference loads."""
+    """A trained tokenizer's weights-only model equals its last checkpoint's averaged weights (`--ema-weights`, on
+    by default for the tokenizer) and is what inference loads."""
     import vqvae.tokenizer as tokenizer
     from core.checkpoint import load_checkpoint
+    from core.ema import evaluated_weights
     from core.weights import load_model_weights
 
     state, config, step = load_model_weights(vqvae_run, "vqvae")
     ckpt, _ = load_checkpoint(vqvae_run)
     assert step == ckpt["step"] and config["codebook_size"] == 32 and "manifest" not in config
-    assert state.keys() == ckpt["model"].keys() and all(torch.equal(state[k], ckpt["model"][k]) for k in state)
+    averaged = evaluated_weights(ckpt)
+    assert state.keys() == averaged.keys() and all(torch.equal(state[k], averaged[k]) for k in state)
+    assert not all(torch.equal(state[k], ckpt["model"][k]) for k in state)  # the average, not the last weights
     with monkeypatch.context() as m:
         m.setattr(tokenizer, "load_checkpoint", lambda run_id: pytest.fail("checkpoint loaded"))
         tok = tokenizer.load_tokenizer(vqvae_run)
     assert tok.step == step and tok.manifest == mlflow.MlflowClient().get_run(vqvae_run).data.params["manifest"]
 
-    # a run made before weights-only models (checkpoints only) still loads, through its checkpoint
+    assert set(averaged) == set(ckpt["model"])
+    # a run made before weights-only models (checkpoints only) still loads, through its checkpoint: the weights it
+    # evaluated (the average), as the model artifact holds them
     client = mlflow.MlflowClient()
     old = client.create_run(client.get_run(vqvae_run).info.experiment_id, tags={"stage": "vqvae"}).info.run_id
     client.log_artifacts(old, str(mlflow.artifacts.download_artifacts(run_id=vqvae_run, artifact_path="checkpoints",

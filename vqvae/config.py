@@ -122,6 +122,12 @@ class VQConfig(LoopOptions, VQModelConfig):
     adam_betas: tuple[float, ...] = opt((0.5, 0.9), "Adam betas (beta1,beta2) of the autoencoder and the "
                                                     "discriminator (the official taming recipe: 0.5,0.9).",
                                         ge=0, lt=1, legacy=(0.5, 0.9))
+    # on by default for the tokenizer (docs/defaults.md, tenth round): on the tuning families +2.5-4.9 dB on the
+    # digits, +0.1-1.2 dB and 5-6 points more codes used on photo patches, the class-conditional samples level
+    # within their noise, textures -0.2 / -1.0 dB
+    ema_weights: float = opt(0.99, "Decay of an exponential moving average of the weights (bias-corrected), used "
+                                   "for validation, quantize and the exported model; the codebook stays live "
+                                   "(0: off).", ge=0, lt=1, legacy=0.0)
     val_every: int = opt(250, "Steps between validations (metrics + reconstruction grid).", ge=1)
     val_batches: int = opt(4, "Validation batches per validation.", ge=1)
 
