@@ -172,7 +172,7 @@ def test_quality_recon_ceiling_pairs_each_decoded_val_image_with_its_label(tmp_p
     import quality
 
     make, features = quality.FAMILIES[family][2], quality.FAMILIES[family][3]
-    manifest = make(tmp_path / family, per_class=24) if family == "shapes" else make(tmp_path / family, 24)
+    manifest = make(tmp_path / family, 24)  # 24 images per class (shapes) or per digit
     df = pd.read_csv(manifest, dtype=str)
     val = df[df.split == "val"].reset_index(drop=True)
     index = val.assign(row=range(len(val)))[["split", "row", "image_path", "label"]]
