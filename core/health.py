@@ -99,16 +99,18 @@ def psnr_remedies(cfg: Any) -> str:
     benchmarks/quality.py, docs/defaults.md)."""
     schedule = [] if cfg.lr_schedule == "cosine" else ["--lr-schedule cosine (+1-4 dB on photo patches at 400 steps; "
                                                       "check class-conditional samples)"]
-    if cfg.quantizer == "fsq":
-        return ", ".join(schedule + ["more --fsq-levels (a larger implicit codebook), or a wider model (--ch, "
-                                     "--z-channels)"])
-    fixes = schedule + [f for f, on in (
+    # options of the autoencoder's training, whatever the quantizer
+    training = [f for f, on in (
         ("--ema-weights 0.99 (the default: +0.1-4.9 dB at 400 steps)", cfg.ema_weights > 0),
-        ("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
-        ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
-        ("--restart-after 20", 0 < cfg.restart_after <= 50),
         ("--adam-betas 0.9,0.99 (sharper reconstructions before the GAN starts; codes a short-trained transformer "
          "may model less well)", cfg.adam_betas[0] >= 0.9)) if not on]
+    if cfg.quantizer == "fsq":
+        return ", ".join(schedule + training + ["more --fsq-levels (a larger implicit codebook), or a wider model "
+                                                "(--ch, --z-channels)"])
+    fixes = schedule + [f for f, on in (
+        ("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
+        ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
+        ("--restart-after 20", 0 < cfg.restart_after <= 50)) if not on] + training
     fixes.append(f"a larger --codebook-size (now {cfg.codebook_size}) or a wider model (--ch {cfg.ch} now)")
     return ", ".join(fixes)
 

@@ -103,7 +103,10 @@ def test_stalled_tokenizer_psnr_names_the_options_that_help(monkeypatch, capsys)
     assert "--ema-weights" not in health.psnr_remedies(VQConfig())  # on by default
     assert health.psnr_remedies(VQConfig(ema=True, l2_norm=False, code_dim=0, adam_betas=(0.9, 0.99),
                                          lr_schedule="cosine")).startswith("a larger --codebook")
-    assert "--fsq-levels" in health.psnr_remedies(VQConfig(quantizer="fsq"))
+    fsq = health.psnr_remedies(VQConfig(quantizer="fsq", ema_weights=0.0))
+    # the training options apply to every quantizer; the codebook's do not
+    assert "--fsq-levels" in fsq and "--adam-betas 0.9,0.99" in fsq and "--ema-weights 0.99" in fsq
+    assert "--ema," not in fsq and "--no-l2-norm" not in fsq and "--codebook-size" not in fsq
     # a run on the (default) constant rate is pointed at the decay first
     assert "--lr-schedule cosine" in err and health.psnr_remedies(VQConfig()).startswith("--lr-schedule cosine")
     assert health.psnr_remedies(VQConfig(quantizer="fsq")).startswith("--lr-schedule cosine")
