@@ -41,13 +41,18 @@ def codebook_size(cfg: Any) -> int:
     return math.prod(cfg.fsq_levels) if cfg.quantizer == "fsq" else cfg.codebook_size
 
 
+def not_in_use(*fixes: tuple[str, bool]) -> list[str]:
+    """The options of (option, in use) pairs that are not in use yet, in order."""
+    return [option for option, on in fixes if not on]
+
+
 def codebook_remedies(cfg: Any) -> str:
     """The collapse remedies this tokenizer config does not use yet, as options to pass."""
     if cfg.quantizer == "fsq":
         return "fewer --fsq-levels (a smaller implicit codebook)"
-    fixes = [f for f, on in (("--l2-norm", cfg.l2_norm), ("--code-dim 8", 0 < cfg.code_dim <= 32),
-                             ("--restart-after 20", 0 < cfg.restart_after <= 50),
-                             ("--entropy-weight 0.01", cfg.entropy_weight > 0)) if not on]
+    fixes = not_in_use(("--l2-norm", cfg.l2_norm), ("--code-dim 8", 0 < cfg.code_dim <= 32),
+                       ("--restart-after 20", 0 < cfg.restart_after <= 50),
+                       ("--entropy-weight 0.01", cfg.entropy_weight > 0))
     fixes.append("--quantizer fsq" if fixes else "a smaller --codebook-size, or --quantizer fsq")
     return ", ".join(fixes)
 
@@ -97,20 +102,20 @@ def check_val_loss(cfg: Any, step: int, val_loss: float, train_loss: float | Non
 def psnr_remedies(cfg: Any) -> str:
     """Tokenizer options that raise the PSNR reached, those not in use yet first (measured with
     benchmarks/quality.py, docs/defaults.md)."""
-    schedule = [] if cfg.lr_schedule == "cosine" else ["--lr-schedule cosine (+1-4 dB on photo patches at 400 steps; "
-                                                      "check class-conditional samples)"]
+    schedule = not_in_use(("--lr-schedule cosine (+1-4 dB on photo patches at 400 steps; check class-conditional "
+                           "samples)", cfg.lr_schedule == "cosine"))
     # options of the autoencoder's training, whatever the quantizer
-    training = [f for f, on in (
+    training = not_in_use(
         ("--ema-weights 0.99 (the default: +0.1-4.9 dB at 400 steps)", cfg.ema_weights > 0),
         ("--adam-betas 0.9,0.99 (sharper reconstructions before the GAN starts; codes a short-trained transformer "
-         "may model less well)", cfg.adam_betas[0] >= 0.9)) if not on]
+         "may model less well)", cfg.adam_betas[0] >= 0.9))
     if cfg.quantizer == "fsq":
         return ", ".join(schedule + training + ["more --fsq-levels (a larger implicit codebook), or a wider model "
                                                 "(--ch, --z-channels)"])
-    fixes = schedule + [f for f, on in (
+    fixes = schedule + not_in_use(
         ("--ema", cfg.ema), ("--no-l2-norm", not cfg.l2_norm),
         ("--code-dim 0 (codes as wide as --embed-dim)", cfg.code_dim in (0, cfg.embed_dim)),
-        ("--restart-after 20", 0 < cfg.restart_after <= 50)) if not on] + training
+        ("--restart-after 20", 0 < cfg.restart_after <= 50)) + training
     fixes.append(f"a larger --codebook-size (now {cfg.codebook_size}) or a wider model (--ch {cfg.ch} now)")
     return ", ".join(fixes)
 
