@@ -6,7 +6,7 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -55,10 +55,9 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     if dup.any():
         raise UserError(f"manifest {path} lists {int(dup.sum())} duplicate image paths (first: "
                         f"{df['image_path'][dup].iloc[0]}); remove the repeated rows")
-    base = path.resolve().parent
     out = pd.DataFrame({
         "key": df["image_path"],
-        "image_path": [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["image_path"]],
+        "image_path": resolve_paths(path, df["image_path"]),
         "label": df["label"].astype(str).str.strip().replace("", pd.NA) if "label" in df.columns else pd.NA,
     })
     if "split" in df.columns:
@@ -85,6 +84,12 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     if not (out["split"] == "train").any():
         raise UserError(f"manifest {path} has no training images (every row is split 'val')")
     return out, skipped
+
+
+def resolve_paths(manifest: str | Path, written: Iterable[str]) -> list[str]:
+    """A manifest's image paths as written (absolute, or relative to the manifest's folder) made absolute."""
+    base = Path(manifest).resolve().parent
+    return [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in written]
 
 
 def cache_dir(*parts: str) -> Path:
@@ -141,10 +146,19 @@ def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str |
         except (ValueError, AttributeError):
             pass  # a damaged cache entry: verify again
     reasons = check_images(image_paths)
+    remember_verified(manifest, image_paths, reasons)
+    return reasons
+
+
+def remember_verified(manifest: str | Path, image_paths: list[str], reasons: list[str | None]) -> None:
+    """Cache ``reasons`` (`check_image` of each image) as `verified_reasons` of this manifest's content: also
+    written by make-manifest, whose images were just checked, so the first stage on it decodes none again."""
+    import json
+
+    cached = cache_dir("verified") / f"{manifest_fingerprint(manifest, image_paths)}.json"
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({i: r for i, r in enumerate(reasons) if r}))
     os.replace(tmp, cached)
-    return reasons
 
 
 def read_manifest_on_ranks(rt, path: str | Path, val_fraction: float, skip_bad_images: bool,
@@ -212,7 +226,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, seed = key if isinstance(key, tuple) else (key, None)
-        img = TF.resize(load_rgb(self.paths[i]), self.size, antialias=True)
+        try:
+            img = load_rgb(self.paths[i])
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            # The manifest's images were checked before the run, so this one changed since (or was not checked):
+            # a line naming it, not a worker's traceback.
+            raise UserError(f"cannot read image {self.paths[i]} ({type(exc).__name__}: {exc}); replace the file "
+                            "or remove its row from the manifest") from None
+        img = TF.resize(img, self.size, antialias=True)
         if self.train:
             rng = random.Random(seed if seed is not None else i)
             top, left = rng.randint(0, img.height - self.size), rng.randint(0, img.width - self.size)

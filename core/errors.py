@@ -8,4 +8,9 @@ class UserError(click.ClickException):
     """Bad input or environment; click prints ``Error: <message>`` and exits with status 1."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))  # always one line
+        text = str(message)
+        if text.startswith("Caught UserError in DataLoader worker"):
+            # Raised in a DataLoader worker, re-raised here as UserError("Caught UserError in DataLoader worker
+            # process N. Original Traceback ... core.errors.UserError: <message>"): keep the message alone.
+            text = text.rsplit("UserError: ", 1)[-1]
+        super().__init__(" ".join(text.split()))  # always one line

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from core.data import check_images, hash_split
+from core.data import check_images, hash_split, remember_verified, resolve_paths
 from core.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -85,6 +85,7 @@ def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool,
     """
     df, skipped = build_manifest(directory, out, labels_from_folders, val_fraction)
     write_atomic(df, out)
+    remember_verified(out, resolve_paths(out, df["image_path"]), [None] * len(df))  # every row was just checked
     n_val = int((df["split"] == "val").sum())
     msg = f"wrote {len(df)} images ({len(df) - n_val} train, {n_val} val"
     if labels_from_folders:

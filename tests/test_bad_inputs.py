@@ -49,6 +49,10 @@ def files(tmp_path_factory) -> Path:
     (d / "one_pixel.csv").write_text("\n".join([header, *rows, "img/dot.png,red,train"]) + "\n")
     (d / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (d / "corrupt.csv").write_text("\n".join([header, *rows, "img/corrupt.png,red,train"]) + "\n")
+    jpeg = d / "img" / "cut.jpg"  # a download cut short: its header opens, its pixels end early
+    Image.open(d / "img" / "red_000.png").convert("RGB").resize((64, 64)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 2 // 3])
+    (d / "truncated.csv").write_text("\n".join([header, *rows, "img/cut.jpg,red,train"]) + "\n")
     np.save(d / "flat.npy", np.zeros((2, 4), dtype=np.int64))
     np.save(d / "out_of_range.npy", np.full((1, 8, 8), 99, dtype=np.int64))
     np.save(d / "floats.npy", np.zeros((1, 8, 8), dtype=np.float32))
@@ -117,6 +121,7 @@ CASES = {
                                           "gone.png (missing)"),
     "1x1 image": (["train-vqvae", "--manifest", "{d}/one_pixel.csv", *VQ_ONE_STEP], "dot.png (too small: 1x1"),
     "unreadable image": (["train-vqvae", "--manifest", "{d}/corrupt.csv", *VQ_ONE_STEP], "corrupt.png (unreadable"),
+    "truncated JPEG": (["train-vqvae", "--manifest", "{d}/truncated.csv", *VQ_ONE_STEP], "cut.jpg (unreadable: truncated"),
     "image size not divisible": (["train-vqvae", "--manifest", "{d}/manifest.csv", *VQ_ONE_STEP, "--image-size", "17"],
                                  "not divisible by the downsampling factor 2"),
     "resume an unknown run": (["train-vqvae", "--resume", "0123456789abcdef0123456789abcdef"], "not found"),
@@ -242,6 +247,19 @@ def test_read_only_output_folder(files, tmp_path, monkeypatch):
 
         monkeypatch.setattr(tempfile, "mkstemp", denied)
     fails("make-manifest", files / "img", "--out", locked / "m.csv", expect=f"cannot write to output folder {locked}")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_that_breaks_after_the_check(files, monkeypatch, workers):
+    """An image that passed the manifest check and is unreadable when a step loads it (replaced, or on a failing
+    disk): one line naming it, from the main process or from a DataLoader worker, and the run marked FAILED."""
+    import core.data
+
+    monkeypatch.setattr(core.data, "verified_reasons", lambda manifest, paths: [None] * len(paths))
+    line = fails("train-vqvae", "--manifest", files / "corrupt.csv", *VQ_ONE_STEP, "--num-workers", workers,
+                 expect=f"cannot read image {(files / 'img' / 'corrupt.png').resolve()} (UnidentifiedImageError",
+                 creates_run=True)
+    assert "Traceback" not in line and "DataLoader" not in line and line.endswith("remove its row from the manifest")
 
 
 def test_16_bit_png_trains(tmp_path):

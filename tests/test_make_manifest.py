@@ -143,3 +143,21 @@ def test_images_are_checked_a_chunk_at_a_time(tree: Path, tmp_path: Path, monkey
     assert sizes and max(sizes) == 2 and sum(sizes) == len(whole) + len(skipped)
     pd.testing.assert_frame_equal(chunked, whole)
     assert skipped_chunked == skipped
+
+
+@pytest.mark.parametrize("fmt,options", [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("WEBP", {}),
+                                         ("BMP", {}), ("TIFF", {}), ("GIF", {})])
+@pytest.mark.parametrize("keep", [0.5, 0.95])
+def test_a_file_cut_short_is_unreadable(tmp_path: Path, fmt: str, options: dict, keep: float) -> None:
+    """Whatever the format, a file cut short is caught when the images are checked (JPEG's verify() checks
+    nothing: only decoding finds the missing pixels), not by a DataLoader worker mid-training."""
+    from core.images import check_image
+
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(whole, fmt, **options)
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
+    assert check_image(whole) is None
+    assert check_image(cut).startswith("unreadable"), fmt
+    if fmt == "JPEG":
+        assert check_image(cut) == "unreadable: truncated"
