@@ -80,6 +80,7 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    _check_store_holds_runs(uri)
     if read_only:
         mlflow.set_tracking_uri(uri)
         return
@@ -100,6 +101,25 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
                 mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line
         raise UserError(f"cannot use MLflow tracking store {uri}: {_first_line(exc)}") from None
+
+
+def _check_store_holds_runs(uri: str) -> None:
+    """A command given a run (``--*-run-id``, ``--resume``, ``--init-from``) and pointed at a SQLite store that
+    does not exist was run from another folder than the stage it names: say so, rather than create an empty
+    ``mlflow.db`` here and then report the run as not found."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    ctx = click.get_current_context(silent=True)
+    named = [(param.opts[0], ctx.params[param.name]) for param in (ctx.command.params if ctx else ())
+             if param.name in ctx.params and isinstance(ctx.params[param.name], str)
+             and (param.name.endswith("run_id") or param.name == "init_from")]
+    named = [(flag, value) for flag, value in named if value]
+    if named and not db.exists():
+        flag, value = named[0]
+        raise UserError(f"no MLflow tracking database at {db.resolve()}, so {flag} {value} "
+                        "cannot be found; run this command in the folder where the earlier stage ran, or pass "
+                        "that store's --tracking-uri (or set MLFLOW_TRACKING_URI)")
 
 
 EXPERIMENT_NOTE = """Runs of **taming-mlflow** (VQGAN tokenizer + transformer, Esser et al. 2021).

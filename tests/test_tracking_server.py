@@ -112,3 +112,26 @@ def test_a_server_that_never_answers_fails_in_bounded_time(tracking_dir):
         assert time.monotonic() - t0 < 30
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert error_line(res.stderr).startswith(f"Error: cannot reach the MLflow tracking server at {uri}")
+
+
+MISSING = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("args", [
+    ["quantize", "--vqvae-run-id", MISSING], ["train", "--quantize-run-id", MISSING],
+    ["train", "--resume", MISSING], ["train-vqvae", "--resume", MISSING, "--max-steps", "9"],
+    ["generate", "--transformer-run-id", "models:/gen@champion"], ["decode", "--run-id", MISSING],
+    ["evaluate", "--vqvae-run-id", MISSING], ["register", "--run-id", MISSING, "--name", "tok"],
+    ["export-vqvae", "--run-id", MISSING, "--format", "taming", "--out", "x.ckpt"]], ids=lambda a: a[0] + a[1])
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_run_named_in_a_folder_without_the_database(tmp_path, monkeypatch, args, how):
+    """The usual cause of "run not found": a later stage started in another folder, where the default
+    sqlite:///mlflow.db does not exist. Say that, name the option, and do not leave an empty database behind."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri if how == "environment" else "sqlite:///unused.db")
+    res = invoke(*args, *(["--tracking-uri", uri] if how == "option" else []))
+    assert res.exit_code == 1, res.output
+    line = error_line(res.stderr)
+    assert line.startswith(f"Error: no MLflow tracking database at {tmp_path / 'elsewhere.db'}, so {args[1]} "), line
+    assert "--tracking-uri" in line and not list(tmp_path.iterdir())
