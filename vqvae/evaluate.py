@@ -10,6 +10,7 @@ computed offline is skipped with a note in tag ``eval/<metric>_note`` and on std
 """
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None
 def inception_weights() -> tuple[Path | None, str | None]:
     """(weights file, None), or (None, why not): FID needs torch-fidelity and its Inception file in the hub cache."""
     try:
-        import torch_fidelity  # noqa: F401 - only checking that torchmetrics' FID backend is installed
+        importlib.import_module("torch_fidelity")  # only checking that torchmetrics' FID backend is installed
     except ImportError:
         return None, "rFID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
