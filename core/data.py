@@ -13,10 +13,9 @@ import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, DistributedSampler
-from torchvision import transforms
 
 from core.errors import UserError
-from core.images import check_image, load_rgb
+from core.images import center_square, check_image, load_rgb, to_input
 
 SPLITS = ("train", "val")
 VERIFY_CHUNK = 1024  # images checked per batch of thread-pool tasks
@@ -219,7 +218,6 @@ class ImageDataset(Dataset):
 
     def __init__(self, paths: list[str], size: int, train: bool, flip: bool = True) -> None:
         self.paths, self.size, self.train, self.flip = list(paths), size, train, flip
-        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -233,16 +231,16 @@ class ImageDataset(Dataset):
             # a line naming it, not a worker's traceback.
             raise UserError(f"cannot read image {self.paths[i]} ({type(exc).__name__}: {exc}); replace the file "
                             "or remove its row from the manifest") from None
-        img = TF.resize(img, self.size, antialias=True)
         if self.train:
+            img = TF.resize(img, self.size, antialias=True)
             rng = random.Random(seed if seed is not None else i)
             top, left = rng.randint(0, img.height - self.size), rng.randint(0, img.width - self.size)
             img = TF.crop(img, top, left, self.size, self.size)
             if self.flip and rng.random() < 0.5:
                 img = TF.hflip(img)
         else:
-            img = TF.center_crop(img, self.size)
-        return self.to_tensor(img), i
+            img = center_square(img, self.size)
+        return to_input(img), i
 
 
 class ResumableSampler(DistributedSampler):

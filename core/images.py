@@ -1,13 +1,15 @@
-"""Image I/O: any PIL-readable file to RGB, tensors in [-1, 1] to PIL images and grids people can see."""
+"""Image I/O: any PIL-readable file to RGB, the one preprocessing from RGB image to model input, tensors in [-1, 1]
+to PIL images and grids people can see."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
 from torchvision.utils import make_grid
 
 MIN_SIDE = 8  # smaller images carry too little to tokenize; treated as bad input
@@ -15,10 +17,13 @@ MIN_TILE = 64  # px: grids are upscaled (nearest) so each image is at least this
 MIN_GRID_WIDTH = 512  # ...and the grid at least this wide, readable in the MLflow UI without zooming
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open any PIL-readable image as 8-bit RGB: 16-bit scaled down, transparency composited on white."""
-    with Image.open(path) as img:
+def load_rgb(source: str | Path | IO[bytes]) -> Image.Image:
+    """Open any PIL-readable image (a path or a binary file) as 8-bit RGB, upright: 16-bit scaled down,
+    transparency composited on white, and turned by its EXIF orientation the way every viewer shows it (a phone
+    stores a portrait photo as landscape pixels plus that tag)."""
+    with Image.open(source) as img:
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # PIL's convert("RGB") clips 16-bit values at 255; rescale to the full 8-bit range instead.
             arr = np.asarray(img, dtype=np.float64)
@@ -31,6 +36,17 @@ def load_rgb(path: str | Path) -> Image.Image:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, rgba)
         return img.convert("RGB")
+
+
+def to_input(img: Image.Image) -> torch.Tensor:
+    """An RGB image as the models take it: (3, H, W) float in [-1, 1]."""
+    return TF.normalize(TF.to_tensor(img), [0.5] * 3, [0.5] * 3)
+
+
+def center_square(img: Image.Image, size: int) -> Image.Image:
+    """How an image of any shape is seen at ``size`` px outside training (val split, quantize, evaluate, the
+    served tokenizer): shorter side resized to ``size`` (antialiased), then the centre square; nothing squashed."""
+    return TF.center_crop(TF.resize(img, size, antialias=True), size)
 
 
 def check_image(path: str | Path) -> str | None:

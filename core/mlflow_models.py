@@ -15,6 +15,7 @@ import click
 from PIL import Image
 
 from core.errors import UserError
+from core.images import load_rgb
 from core.tracking import connect, with_tracking_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +30,8 @@ def png_base64(image: Image.Image) -> str:
 
 
 def image_from_base64(text: str) -> Image.Image:
-    with Image.open(io.BytesIO(base64.b64decode(text))) as img:
-        return img.convert("RGB")
+    """A request's image, opened as every stage opens image files (`load_rgb`)."""
+    return load_rgb(io.BytesIO(base64.b64decode(text)))
 
 
 def pip_requirements() -> list[str]:

@@ -161,3 +161,17 @@ def test_a_file_cut_short_is_unreadable(tmp_path: Path, fmt: str, options: dict,
     assert check_image(cut).startswith("unreadable"), fmt
     if fmt == "JPEG":
         assert check_image(cut) == "unreadable: truncated"
+
+
+@pytest.mark.parametrize("orientation,turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_images_load_upright_by_their_exif_orientation(tmp_path: Path, orientation: int, turn: int) -> None:
+    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation; every viewer shows it
+    turned, and so must training see it (np.rot90 turns counter-clockwise by 90° per step)."""
+    from core.images import load_rgb
+
+    stored = np.random.default_rng(orientation).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "photo.png", exif=exif)
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "photo.png")), np.rot90(stored, turn))

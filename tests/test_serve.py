@@ -155,3 +155,40 @@ def test_served_generator_default_top_k_scales_with_the_codebook(tmp_path, monke
     for row in ({"num_samples": 1}, {"num_samples": 1, "top_k": 0}, {"num_samples": 1, "top_k": 7}):
         model.predict(None, pd.DataFrame([row]))
     assert used == [20, None, 7]
+
+
+def test_served_tokenizer_sees_an_image_as_quantize_does(tracking_dir, vqvae_run, tmp_path):
+    """Any file a user sends the tokenizer model (here: not square, half transparent, turned by an EXIF tag,
+    16-bit) gets the codes quantize writes for the same file: one preprocessing, not a squashed or black-backed
+    copy of it."""
+    import base64
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    rgba = rng.integers(0, 255, (20, 34, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((20, 34)) < 0.5, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "img" / "wide.png")
+    turned = Image.fromarray(rng.integers(0, 255, (18, 40, 3), dtype=np.uint8))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # orientation: shown turned 90° clockwise
+    turned.save(tmp_path / "img" / "turned.png", exif=exif)
+    Image.fromarray(rng.integers(0, 65535, (40, 22), dtype=np.uint16)).save(tmp_path / "img" / "deep.png")
+    names = ["deep.png", "turned.png", "wide.png"]
+    (tmp_path / "m.csv").write_text("image_path,split\n" + "".join(f"img/{n},train\n" for n in names))
+    res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--manifest", tmp_path / "m.csv", "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    run_id = last_line(res.stdout)
+    index = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="index.csv"))
+    codes = np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="codes/train.npy"))
+    experiment = mlflow.MlflowClient().get_run(vqvae_run).info.experiment_id
+    (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
+                                           filter_string=f"source_run_id = '{vqvae_run}'")
+    served = mlflow.pyfunc.load_model(model.model_uri).predict(pd.DataFrame(
+        {"image": [base64.b64encode((tmp_path / "img" / n).read_bytes()).decode("ascii") for n in names]}))
+    for name, answer in zip(names, served.codes):
+        row = index.loc[index.image_path.str.endswith(name), "row"].item()
+        assert json.loads(answer) == codes[row].tolist(), name

@@ -17,13 +17,13 @@ from typing import Any
 import click
 import numpy as np
 import torch
-from torchvision import transforms
+import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_weights
 from core.ema import evaluated_weights
 from core.errors import UserError
-from core.images import grid_image, load_rgb
+from core.images import grid_image, load_rgb, to_input
 from core.options import Config, build_config, config_options, explicit_options, note_unused, opt
 from core.runtime import gather_rows, setup_runtime, teardown
 from core.tracking import (artifact_folder, connect, download, find_upstream, get_run, resolve_run_ids, run_name_option,
@@ -125,8 +125,8 @@ def context_codes(cfg: GenerateConfig, tokenizer, grid: tuple[int, int]) -> torc
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read --context-image {path}: {type(exc).__name__}: {exc}") from None
     f = tokenizer.downsample_factor
-    x = transforms.Compose([transforms.Resize((grid[0] * f, grid[1] * f), antialias=True), transforms.ToTensor(),
-                            transforms.Normalize([0.5] * 3, [0.5] * 3)])(image)[None]
+    # squashed to the sampled grid's shape (not cropped): the whole context image shows in the samples' top rows
+    x = to_input(TF.resize(image, [grid[0] * f, grid[1] * f], antialias=True))[None]
     rows = max(1, min(grid[0] - 1, round(grid[0] * cfg.context_fraction)))
     return tokenizer.encode(x).cpu()[:, :rows].expand(cfg.num_samples, -1, -1)
 

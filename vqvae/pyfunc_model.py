@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from core.images import to_pil
+from core.images import center_square, to_input, to_pil
 from core.mlflow_models import image_from_base64, log_pyfunc, png_base64
 from core.options import config_from_dict
 from core.weights import load_weights_folder, save_weights
@@ -62,9 +61,9 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
         self.model, self.cfg = load_tokenizer_folder(context.artifacts["tokenizer"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        size = self.cfg.image_size  # images of any size are resized to the training resolution
-        images = [np.asarray(image_from_base64(b).resize((size, size))) for b in model_input["image"]]
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+        # images of any size are seen as quantize sees them, so that the same image gets the same codes
+        x = torch.stack([to_input(center_square(image_from_base64(b), self.cfg.image_size))
+                         for b in model_input["image"]]).to(self.device)
         with torch.inference_mode(), self.runtime.autocast():
             codes = self.model.encode_to_indices(x)
             rec = self.model.decode_indices(codes).float().clamp(-1, 1).cpu()
