@@ -39,11 +39,17 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
         raise UserError(f"manifest not found: {path}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if len(df.columns) == 1 and df.columns[0].count(";") + df.columns[0].count("\t") > 0:
+            # a spreadsheet's export in a locale whose lists use ';' (or a tab-separated file)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=";" if ";" in df.columns[0] else "\t")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         if isinstance(exc, pd.errors.EmptyDataError):
             raise UserError(f"manifest {path} is empty; it needs a header row with image_path and one row "
                             "per image") from None
         raise UserError(f"cannot parse manifest {path} as CSV: {str(exc).splitlines()[0]}") from None
+    names = [str(c).strip().lower().replace(" ", "_") for c in df.columns]  # "Image Path", " label" ...
+    if len(set(names)) == len(names):
+        df.columns = names
     if "image_path" not in df.columns:
         raise UserError(f"manifest {path} has no 'image_path' column (columns: {', '.join(df.columns) or 'none'}); "
                         "add one listing the image files")

@@ -175,3 +175,21 @@ def test_images_load_upright_by_their_exif_orientation(tmp_path: Path, orientati
     exif[0x0112] = orientation
     image.save(tmp_path / "photo.png", exif=exif)
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "photo.png")), np.rot90(stored, turn))
+
+
+@pytest.mark.parametrize("header,sep,bom,newline", [("image_path,label,split", ",", False, "\n"),
+                                                   ("image_path;label;split", ";", False, "\r\n"),
+                                                   ("image_path\tlabel\tsplit", "\t", True, "\n"),
+                                                   ("Image Path,Label , Split", ",", True, "\r\n")])
+def test_manifests_saved_by_a_spreadsheet_read_the_same(tmp_path: Path, header: str, sep: str, bom: bool,
+                                                        newline: str) -> None:
+    """Spreadsheets save manifests their way: ';' where the locale's lists use commas, tabs, a byte-order mark,
+    CRLF line ends, headers as a person would type them. The rows read are the same."""
+    for i in range(3):
+        rgb(i).save(tmp_path / f"a{i}.png")
+    rows = [sep.join([f"a{i}.png", "cat" if i else "dog", "val" if i == 2 else "train"]) for i in range(3)]
+    (tmp_path / "m.csv").write_bytes((("\ufeff" if bom else "") + newline.join([header, *rows]) + newline)
+                                     .encode("utf-8"))
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert [Path(p).name for p in df.image_path] == ["a0.png", "a1.png", "a2.png"]
+    assert df.label.tolist() == ["dog", "cat", "cat"] and df.split.tolist() == ["train", "train", "val"]
