@@ -231,7 +231,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            img = load_rgb(self.paths[i])
+            img = load_rgb(self.paths[i], min_side=self.size)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
             # The manifest's images were checked before the run, so this one changed since (or was not checked):
             # a line naming it, not a worker's traceback.

@@ -29,9 +29,9 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def image_from_base64(text: str) -> Image.Image:
+def image_from_base64(text: str, min_side: int | None = None) -> Image.Image:
     """A request's image, opened as every stage opens image files (`load_rgb`)."""
-    return load_rgb(io.BytesIO(base64.b64decode(text)))
+    return load_rgb(io.BytesIO(base64.b64decode(text)), min_side)
 
 
 def pip_requirements() -> list[str]:

@@ -223,3 +223,12 @@ def test_quality_conditional_averages_transformers_of_one_tokenizer(tmp_path, mo
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--transformer-seeds", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+def test_image_decode_quick():
+    """The loader's scaled JPEG decoding gives the crops a full decode gives (same place, same flip; the pixels
+    within the rounding of libjpeg's scaled transform), at every training resolution."""
+    out = run("image_decode.py")
+    rows = re.findall(r"^\s+(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)x\s+(\S+) dB$", out, re.M)
+    assert [size for size, *_ in rows] == ["32", "256", "512"], out
+    assert all(float(psnr) > 35 for *_, psnr in rows), out

@@ -193,3 +193,21 @@ def test_manifests_saved_by_a_spreadsheet_read_the_same(tmp_path: Path, header: 
     df, _ = read_manifest(tmp_path / "m.csv")
     assert [Path(p).name for p in df.image_path] == ["a0.png", "a1.png", "a2.png"]
     assert df.label.tolist() == ["dog", "cat", "cat"] and df.split.tolist() == ["train", "train", "val"]
+
+
+@pytest.mark.parametrize("min_side,decoded", [(None, (800, 600)), (64, (100, 75)), (100, (200, 150)),
+                                              (300, (400, 300)), (700, (800, 600))])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_crop(tmp_path: Path, min_side, decoded) -> None:
+    """A training crop of ``min_side`` px needs no more pixels than that: the JPEG decodes at 1/8, 1/4 or 1/2 scale
+    while both sides stay at least ``min_side`` long. Other formats, and turned photos, keep their full size."""
+    from core.images import load_rgb
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    stored.save(tmp_path / "photo.jpg", quality=90)
+    assert load_rgb(tmp_path / "photo.jpg", min_side).size == decoded
+    stored.save(tmp_path / "photo.png")
+    assert load_rgb(tmp_path / "photo.png", min_side).size == (800, 600)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    assert load_rgb(tmp_path / "turned.jpg", min_side).size == decoded[::-1]

@@ -177,7 +177,8 @@ def test_served_tokenizer_sees_an_image_as_quantize_does(tracking_dir, vqvae_run
     exif[0x0112] = 6  # orientation: shown turned 90° clockwise
     turned.save(tmp_path / "img" / "turned.png", exif=exif)
     Image.fromarray(rng.integers(0, 65535, (40, 22), dtype=np.uint16)).save(tmp_path / "img" / "deep.png")
-    names = ["deep.png", "turned.png", "wide.png"]
+    Image.fromarray(rgba[..., :3]).resize((300, 170)).save(tmp_path / "img" / "large.jpg")  # decoded at 1/8
+    names = ["deep.png", "large.jpg", "turned.png", "wide.png"]
     (tmp_path / "m.csv").write_text("image_path,split\n" + "".join(f"img/{n},train\n" for n in names))
     res = invoke("quantize", "--vqvae-run-id", vqvae_run, "--manifest", tmp_path / "m.csv", "--num-workers", "0")
     assert res.exit_code == 0, res.output

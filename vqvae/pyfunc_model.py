@@ -62,7 +62,8 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # images of any size are seen as quantize sees them, so that the same image gets the same codes
-        x = torch.stack([to_input(center_square(image_from_base64(b), self.cfg.image_size))
+        size = self.cfg.image_size
+        x = torch.stack([to_input(center_square(image_from_base64(b, size), size))
                          for b in model_input["image"]]).to(self.device)
         with torch.inference_mode(), self.runtime.autocast():
             codes = self.model.encode_to_indices(x)

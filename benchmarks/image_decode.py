@@ -1,0 +1,77 @@
+"""Time to turn a phone photo into a training crop: the training loader (`ImageDataset`, which decodes a JPEG at
+the smallest 1/2, 1/4 or 1/8 scale that still covers the crop) against decoding every pixel first, as the
+official taming code and a plain ``Image.open(...).convert("RGB")`` do; and how far apart the two crops are.
+    python benchmarks/image_decode.py [--quick] [--sizes 32,256,512]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import machine
+
+
+def phone_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
+    """``n`` JPEGs at ``size`` (quality 92, as phones save): scikit-learn's two sample photographs, upscaled and
+    shifted so that no two files are the same."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    paths = []
+    for i in range(n):
+        big = photos[i % 2].resize((size[0] + 8 * i, size[1] + 6 * i), Image.BICUBIC).crop((8 * i, 6 * i, *[
+            s + d * i for s, d in zip(size, (8, 6))]))
+        paths.append(folder / f"{i:03d}.jpg")
+        big.save(paths[-1], quality=92)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="4 smaller photos (a smoke test, not a figure)")
+    p.add_argument("--sizes", default="32,256,512", help="training resolutions (shorter side, then crop)")
+    args = p.parse_args()
+
+    from unittest import mock
+
+    import torch
+
+    from core.data import ImageDataset
+    from core.images import load_rgb
+
+    torch.set_num_threads(1)
+    shape = (1008, 756) if args.quick else (4032, 3024)  # a 12-MP phone photo
+    n = 4 if args.quick else 12
+    with tempfile.TemporaryDirectory() as d:
+        paths = [str(q) for q in phone_photos(Path(d), n, shape)]
+        print(f"\nphone photo -> training crop, one thread — {machine()}", file=sys.stderr)
+        print(f"{n} JPEGs of {shape[0]}x{shape[1]} (quality 92); resize the shorter side, random crop, flip; "
+              "median of 3 passes", file=sys.stderr)
+        print(f"{'crop px':>7} {'full decode ms':>15} {'loader ms':>10} {'speed-up':>9} {'crops apart (PSNR)':>19}")
+        for size in map(int, args.sizes.split(",")):
+            dataset = ImageDataset(paths, size, train=True)
+
+            def crops(full: bool) -> tuple[float, list[torch.Tensor]]:
+                """Seconds per image and the crops (the same seeds: the same crop and flip either way)."""
+                every_pixel = mock.patch("core.data.load_rgb", lambda path, min_side=None: load_rgb(path))
+                with every_pixel if full else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    out = [dataset[(i, i)][0] for i in range(n)]
+                return (time.perf_counter() - t0) / n, out
+
+            runs = {full: [crops(full) for _ in range(3)] for full in (True, False)}
+            full_ms, loader_ms = (1000 * float(np.median([t for t, _ in runs[full]])) for full in (True, False))
+            # model inputs lie in [-1, 1]: a quarter of their squared difference is the MSE on a [0, 1] scale
+            mse = float(np.mean([(a - b).pow(2).mean() / 4 for a, b in zip(runs[True][0][1], runs[False][0][1])]))
+            psnr = 10 * np.log10(1 / mse) if mse > 0 else float("inf")
+            print(f"{size:>7} {full_ms:>15.1f} {loader_ms:>10.1f} {full_ms / loader_ms:>8.1f}x {psnr:>16.1f} dB")
+
+if __name__ == "__main__":
+    main()
