@@ -63,6 +63,7 @@ def test_evaluate_logs_onto_the_vqvae_run(vqvae_run, tmp_path, monkeypatch) -> N
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == vqvae_run
     assert "note: LPIPS skipped" in res.stderr and "note: rFID skipped" in res.stderr
+    assert "--perceptual-weight" not in res.stderr  # a training option, which evaluate does not have
 
     client = mlflow.MlflowClient()
     r = client.get_run(vqvae_run)

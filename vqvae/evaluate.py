@@ -86,9 +86,10 @@ def per_image_metrics(x: torch.Tensor, xrec: torch.Tensor,
 
 def load_lpips(device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
     """(LPIPS module, None), or (None, why not) when its VGG16 weights are neither cached nor downloadable."""
-    from vqvae.losses import LPIPSLoss
+    from vqvae.losses import LPIPSLoss, fetch_vgg16
 
     try:  # downloads the VGG16 weights into the torch hub cache when missing
+        fetch_vgg16(without="")  # offline: no training option to suggest, evaluate goes on without LPIPS
         return LPIPSLoss(backbone="pretrained").to(device), None
     except UserError as exc:  # offline without the weights, or an unreadable weights file
         return None, f"LPIPS skipped: {exc.message}"

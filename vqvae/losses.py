@@ -25,10 +25,14 @@ def vgg16_checkpoint_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
 
 
-def fetch_vgg16() -> str:
+TRAIN_WITHOUT_LPIPS = ", or run with --perceptual-weight 0 (no LPIPS)"
+
+
+def fetch_vgg16(without: str = TRAIN_WITHOUT_LPIPS) -> str:
     """The ImageNet VGG16 weights file, downloaded into the torch hub cache if missing, as torchvision itself does
     (``load_state_dict_from_url``: progress bar, and the hash in the file name checked); offline, a one-line error
-    saying which file to put where, or how to train without it."""
+    saying which file to put where, then ``without``: how the command goes on without it (training's option;
+    evaluate, which skips LPIPS by itself, gives "")."""
     path, url = vgg16_checkpoint_path(), VGG16_Weights.IMAGENET1K_V1.url
     if os.path.isfile(path):
         return path
@@ -39,10 +43,10 @@ def fetch_vgg16() -> str:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise UserError(f"LPIPS needs the torchvision VGG16 weights {os.path.basename(path)}, which are not in "
                         f"the torch hub cache and could not be downloaded from {url} ({reason}): download that "
-                        f"file and put it at {path}, or run with --perceptual-weight 0 (no LPIPS)") from None
+                        f"file and put it at {path}{without}") from None
     if not os.path.isfile(path):  # the download went elsewhere (a changed hub layout): say so, do not guess
-        raise UserError(f"downloaded the VGG16 weights from {url}, but they are not at {path}; put the file there, "
-                        "or run with --perceptual-weight 0")
+        raise UserError(f"downloaded the VGG16 weights from {url}, but they are not at {path}; put the file "
+                        f"there{without}")
     return path
 
 
