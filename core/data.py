@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -130,11 +131,16 @@ def data_fingerprint(manifest: str | Path) -> str:
 
 def check_images(paths: list) -> list[str | None]:
     """`check_image` of each path, on 8 threads, a chunk at a time: ``pool.map`` holds a future for every item it
-    is given, about 1.5 KB each, which a million-image folder would turn into gigabytes."""
+    is given, about 1.5 KB each, which a million-image folder would turn into gigabytes. Beyond one chunk, a
+    progress bar on stderr: decoding a million photos takes minutes, which must not look like a hang."""
+    from tqdm import tqdm
+
     reasons: list[str | None] = []
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool, tqdm(total=len(paths), desc="checking images", unit="img",
+                                             disable=len(paths) <= VERIFY_CHUNK, file=sys.stderr) as bar:
         for lo in range(0, len(paths), VERIFY_CHUNK):
             reasons += pool.map(check_image, paths[lo:lo + VERIFY_CHUNK])
+            bar.update(min(VERIFY_CHUNK, len(paths) - lo))
     return reasons
 
 

@@ -160,6 +160,20 @@ def test_images_are_verified_once_per_manifest_content(tmp_path, monkeypatch, tr
     assert len(opened) == 12
 
 
+def test_checking_more_images_than_a_chunk_shows_progress(monkeypatch, capsys):
+    """Checking a large folder takes minutes (every JPEG is decoded): beyond one chunk a progress bar counts the
+    images on stderr; a small set checks silently. The reasons come back in the order of the paths either way."""
+    import core.data
+
+    monkeypatch.setattr(core.data, "VERIFY_CHUNK", 4)
+    monkeypatch.setattr(core.data, "check_image", lambda p: None if p % 3 else f"bad {p}")
+    assert core.data.check_images(list(range(4))) == ["bad 0", None, None, "bad 3"]
+    assert capsys.readouterr().err == ""
+    assert core.data.check_images(list(range(10))) == [None if p % 3 else f"bad {p}" for p in range(10)]
+    err = capsys.readouterr().err
+    assert "checking images" in err and "10/10" in err
+
+
 def test_a_manifest_from_make_manifest_is_not_checked_again(tmp_path, monkeypatch, tracking_dir):
     """make-manifest decodes every image; the first stage on its manifest reuses that check instead of decoding
     the folder a second time, and checks again once an image changes."""
