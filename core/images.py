@@ -12,6 +12,15 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision.utils import make_grid
 
+try:  # HEIC/HEIF, the format iPhones save by default: readable through PIL once pillow-heif is registered
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_READABLE = True
+except ImportError:  # an optional requirement: without it such files are reported, with the package to install
+    HEIF_READABLE = False
+HEIF_SUFFIXES = (".heic", ".heif")
+
 MIN_SIDE = 8  # smaller images carry too little to tokenize; treated as bad input
 MIN_TILE = 64  # px: grids are upscaled (nearest) so each image is at least this big...
 MIN_GRID_WIDTH = 512  # ...and the grid at least this wide, readable in the MLflow UI without zooming
@@ -71,6 +80,8 @@ def check_image(path: str | Path) -> str | None:
                 img.draft(None, (MIN_SIDE, MIN_SIDE))
                 img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+        if p.suffix.lower() in HEIF_SUFFIXES and not HEIF_READABLE:
+            return "unreadable: HEIC/HEIF needs pillow-heif (pip install pillow-heif)"
         return "unreadable: truncated" if "truncated" in str(exc) else f"unreadable: {type(exc).__name__}"
     if min(size) < MIN_SIDE:
         return f"too small: {size[0]}x{size[1]}, need at least {MIN_SIDE}x{MIN_SIDE}"

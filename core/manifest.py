@@ -11,7 +11,8 @@ import pandas as pd
 from core.data import check_images, hash_split, remember_verified, resolve_paths
 from core.errors import UserError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+                    ".heic", ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
 SHOW_SKIPPED = 5  # names of skipped files listed in the report
 
 

@@ -211,3 +211,35 @@ def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_crop(tmp_pat
     exif[0x0112] = 6
     stored.save(tmp_path / "turned.jpg", quality=90, exif=exif)
     assert load_rgb(tmp_path / "turned.jpg", min_side).size == decoded[::-1]
+
+
+def test_phone_and_web_formats_are_found_and_read(tmp_path: Path) -> None:
+    """An iPhone's HEIC photos and the web's AVIF/JFIF files are images too: found by make-manifest and read like
+    any other (lossy formats, chroma subsampled: within 25 dB of what was saved)."""
+    from core.images import HEIF_READABLE, load_rgb
+
+    if not HEIF_READABLE:
+        pytest.skip("pillow-heif is not installed (requirements.txt installs it)")
+    root = tmp_path / "phone"
+    root.mkdir()
+    smooth = np.asarray(rgb(5, 6).resize((48, 36), Image.BICUBIC))
+    Image.fromarray(smooth).save(root / "IMG_0001.HEIC", quality=95)
+    Image.fromarray(smooth).save(root / "download.jfif", format="JPEG", quality=95)
+    Image.fromarray(smooth).save(root / "banner.avif", quality=95)
+    res = run(root, "--out", tmp_path / "m.csv")
+    assert res.exit_code == 0 and "wrote 3 images" in res.stderr and "skipped" not in res.stderr, res.output
+    for name in ("IMG_0001.HEIC", "download.jfif", "banner.avif"):
+        back = np.asarray(load_rgb(root / name), dtype=float)
+        assert back.shape == smooth.shape and 10 * np.log10(255**2 / ((back - smooth) ** 2).mean()) > 25, name
+
+
+def test_heic_without_pillow_heif_names_the_package(tmp_path: Path, monkeypatch) -> None:
+    import core.images
+
+    (tmp_path / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))  # not decodable here
+    monkeypatch.setattr(core.images, "HEIF_READABLE", False)
+    assert core.images.check_image(tmp_path / "IMG_0002.heic") == \
+        "unreadable: HEIC/HEIF needs pillow-heif (pip install pillow-heif)"
+    monkeypatch.setattr(core.images, "HEIF_READABLE", True)  # installed: a damaged file is just unreadable
+    assert core.images.check_image(tmp_path / "IMG_0002.heic").startswith("unreadable: ")
+    assert "pillow-heif" not in core.images.check_image(tmp_path / "IMG_0002.heic")
