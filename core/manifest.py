@@ -16,22 +16,29 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".
 SHOW_SKIPPED = 5  # names of skipped files listed in the report
 
 
-def find_images(root: Path) -> list[Path]:
-    """Files under ``root`` (recursively) with an image extension, in sorted order."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def find_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """Files under ``root`` (recursively) with an image extension, in sorted order, and those of them left out
+    because they or a folder above them are hidden (a name starting with '.'): not the user's pictures, but what
+    copying leaves behind, such as macOS's ``._photo.jpg`` resource forks or a ``.thumbnails`` cache."""
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    is_hidden = [any(part.startswith(".") for part in p.relative_to(root).parts) for p in found]
+    return ([p for p, h in zip(found, is_hidden) if not h], [p for p, h in zip(found, is_hidden) if h])
 
 
 def build_manifest(root: str | Path, out: str | Path, labels_from_folders: bool = False,
-                   val_fraction: float = 0.1) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """(manifest rows, skipped (path, reason) pairs); paths are relative to ``out``'s folder, with '/'."""
+                   val_fraction: float = 0.1) -> tuple[pd.DataFrame, list[tuple[str, str]], list[Path]]:
+    """(manifest rows, skipped (path, reason) pairs, hidden files left out); paths are relative to ``out``'s
+    folder, with '/'."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"image folder not found: {root}")
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass the folder that holds the images")
-    files = find_images(root)
+    files, hidden = find_images(root)
     if not files:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}"
+                        + (f" outside hidden files and folders ({len(hidden)} there, first: {hidden[0]})"
+                           if hidden else ""))
     reasons = check_images(files)
     base = Path(out).resolve().parent
     rows, skipped = [], []
@@ -49,7 +56,7 @@ def build_manifest(root: str | Path, out: str | Path, labels_from_folders: bool 
     if not rows:
         raise UserError(f"none of the {len(files)} image files under {root} could be read, first: "
                         + "; ".join(f"{p} ({r})" for p, r in skipped[:SHOW_SKIPPED]))
-    return pd.DataFrame(rows).sort_values("image_path", kind="stable").reset_index(drop=True), skipped
+    return pd.DataFrame(rows).sort_values("image_path", kind="stable").reset_index(drop=True), skipped, hidden
 
 
 def write_atomic(df: pd.DataFrame, out: Path) -> None:
@@ -82,9 +89,10 @@ def write_atomic(df: pd.DataFrame, out: Path) -> None:
 def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool, val_fraction: float) -> None:
     """Scan DIRECTORY recursively for images and write a manifest CSV (prints its path last).
 
-    Unreadable or too-small images are skipped and reported on stderr.
+    Unreadable or too-small images are skipped and reported on stderr; hidden files and folders (a name starting
+    with '.') are left out.
     """
-    df, skipped = build_manifest(directory, out, labels_from_folders, val_fraction)
+    df, skipped, hidden = build_manifest(directory, out, labels_from_folders, val_fraction)
     write_atomic(df, out)
     remember_verified(out, resolve_paths(out, df["image_path"]), [None] * len(df))  # every row was just checked
     n_val = int((df["split"] == "val").sum())
@@ -97,4 +105,7 @@ def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool,
     if skipped:
         first = "; ".join(f"{p} ({r})" for p, r in skipped[:SHOW_SKIPPED])
         click.echo(f"skipped {len(skipped)} unreadable image files, first: {first}", err=True)
+    if hidden:
+        click.echo(f"left out {len(hidden)} hidden files (a name starting with '.' in their path), first: "
+                   f"{hidden[0].relative_to(directory).as_posix()}", err=True)
     click.echo(str(out.resolve()))

@@ -129,7 +129,7 @@ def test_images_are_checked_a_chunk_at_a_time(tree: Path, tmp_path: Path, monkey
 
     import core.data
 
-    whole, skipped = build_manifest(tree, tmp_path / "m.csv")
+    whole, skipped, _ = build_manifest(tree, tmp_path / "m.csv")
     sizes = []
     real_map = concurrent.futures.ThreadPoolExecutor.map
 
@@ -139,7 +139,7 @@ def test_images_are_checked_a_chunk_at_a_time(tree: Path, tmp_path: Path, monkey
 
     monkeypatch.setattr(core.data, "VERIFY_CHUNK", 2)
     monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "map", recording_map)
-    chunked, skipped_chunked = build_manifest(tree, tmp_path / "m.csv")
+    chunked, skipped_chunked, _ = build_manifest(tree, tmp_path / "m.csv")
     assert sizes and max(sizes) == 2 and sum(sizes) == len(whole) + len(skipped)
     pd.testing.assert_frame_equal(chunked, whole)
     assert skipped_chunked == skipped
@@ -243,3 +243,22 @@ def test_heic_without_pillow_heif_names_the_package(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(core.images, "HEIF_READABLE", True)  # installed: a damaged file is just unreadable
     assert core.images.check_image(tmp_path / "IMG_0002.heic").startswith("unreadable: ")
     assert "pillow-heif" not in core.images.check_image(tmp_path / "IMG_0002.heic")
+
+
+def test_hidden_files_and_folders_are_left_out_and_counted(tree: Path, tmp_path: Path) -> None:
+    """What copying a folder leaves behind is not the user's pictures: macOS's '._' resource forks (not images
+    at all) and thumbnail caches (real, smaller copies of the photos) are left out, and the count is reported."""
+    (tree / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tree / ".thumbnails").mkdir()
+    rgb(9, 8).save(tree / ".thumbnails" / "a.png")
+    res = run(tree, "--out", tmp_path / "m.csv", "--labels-from-folders")
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
+    assert not df["image_path"].str.contains("/[.]").any() and set(df["label"]) == {"cats", "dogs", ""}
+    assert "wrote 5 images" in res.stderr and "skipped 1 unreadable" in res.stderr  # broken.png, as before
+    assert "left out 2 hidden files" in res.stderr and ".thumbnails/a.png" in res.stderr
+    only_hidden = tmp_path / "only_hidden"
+    (only_hidden / ".cache").mkdir(parents=True)
+    rgb(1).save(only_hidden / ".cache" / "x.png")
+    res = run(only_hidden, "--out", tmp_path / "n.csv")
+    assert res.exit_code == 1 and "outside hidden files and folders (1 there" in res.output, res.output
