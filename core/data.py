@@ -80,6 +80,12 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
         bad = [(p, r) for p, r in zip(out["key"], reasons) if r]
         if bad and not skip_bad_images:
             first = "; ".join(f"{p} ({r})" for p, r in bad[:3])
+            key, reason = bad[0]
+            if reason == "missing" and not Path(key).is_absolute() and Path(key).is_file():
+                # written relative to where the user runs commands, not to the manifest
+                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; relative paths are "
+                                f"read from the manifest's folder {path.resolve().parent}, but {key} exists from "
+                                "the current folder: write the paths relative to the manifest, or absolute")
             raise UserError(f"{len(bad)} of {len(out)} images are missing or unusable, first: {first}; "
                             "fix the manifest or pass --skip-bad-images")
         if bad:

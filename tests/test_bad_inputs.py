@@ -262,6 +262,17 @@ def test_image_that_breaks_after_the_check(files, monkeypatch, workers):
     assert "Traceback" not in line and "DataLoader" not in line and line.endswith("remove its row from the manifest")
 
 
+def test_paths_written_from_the_current_folder(files, tmp_path, monkeypatch):
+    """A manifest in a sub-folder whose paths were written from where the user runs commands: the line says
+    which folder relative paths are read from, and that the files exist from here."""
+    monkeypatch.chdir(files)
+    (files / "meta").mkdir(exist_ok=True)
+    (files / "meta" / "m.csv").write_text("image_path\nimg/red_000.png\nimg/blue_001.png\n")
+    fails("train-vqvae", "--manifest", "meta/m.csv", *VQ_ONE_STEP,
+          expect=f"relative paths are read from the manifest's folder {files.resolve() / 'meta'}, but "
+                 "img/red_000.png exists from the current folder")
+
+
 def test_16_bit_png_trains(tmp_path):
     """16-bit images are valid input (scaled to 8 bits), not an error."""
     (tmp_path / "img").mkdir()
