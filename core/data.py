@@ -64,7 +64,10 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     out = pd.DataFrame({
         "key": df["image_path"],
         "image_path": resolve_paths(path, df["image_path"]),
-        "label": df["label"].astype(str).str.strip().replace("", pd.NA) if "label" in df.columns else pd.NA,
+        # NFC: macOS names files (and so make-manifest's folder labels) in decomposed Unicode, people type composed
+        # characters; "dögs" either way is one class
+        "label": (df["label"].astype(str).str.strip().str.normalize("NFC").replace("", pd.NA)
+                  if "label" in df.columns else pd.NA),
     })
     if "split" in df.columns:
         split = df["split"].str.strip().str.lower()

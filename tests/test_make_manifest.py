@@ -262,3 +262,22 @@ def test_hidden_files_and_folders_are_left_out_and_counted(tree: Path, tmp_path:
     rgb(1).save(only_hidden / ".cache" / "x.png")
     res = run(only_hidden, "--out", tmp_path / "n.csv")
     assert res.exit_code == 1 and "outside hidden files and folders (1 there" in res.output, res.output
+
+
+def test_a_label_is_one_class_however_its_accents_are_encoded(tmp_path: Path) -> None:
+    """macOS names folders in decomposed Unicode ("do" + combining diaeresis), people type "dö": the same label,
+    one class, which `generate --label` finds either way."""
+    import unicodedata
+
+    from transformer.vocab import Vocab
+
+    composed, decomposed = unicodedata.normalize("NFC", "dögs"), unicodedata.normalize("NFD", "dögs")
+    assert composed != decomposed
+    for i in range(3):
+        rgb(i).save(tmp_path / f"a{i}.png")
+    (tmp_path / "m.csv").write_text(f"image_path,label\na0.png,{decomposed}\na1.png,{composed}\na2.png,cats\n",
+                                    encoding="utf-8")
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert df.label.tolist() == [composed, composed, "cats"]
+    old_run = Vocab(16, (4, 4), ("cats", decomposed))  # a quantize run made before labels were normalised
+    assert old_run.class_id(composed) == old_run.class_id(decomposed) == 1

@@ -7,6 +7,7 @@ collide with codes, and the output head covers exactly the K codes.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,9 @@ class Vocab(CodeGrids, TokenLayout):
 
     def class_id(self, label: str) -> int:
         """A label given by name or by class id; unknown labels list the known ones."""
-        if label in self.classes:
-            return self.classes.index(label)
+        names = [unicodedata.normalize("NFC", c) for c in self.classes]  # as read_manifest stores labels
+        if unicodedata.normalize("NFC", label) in names:
+            return names.index(unicodedata.normalize("NFC", label))
         if label.isdecimal() and int(label) < self.num_classes:
             return int(label)
         known = ", ".join(self.classes) if self.classes else "none: the model is unconditional"
