@@ -20,7 +20,17 @@ def find_images(root: Path) -> tuple[list[Path], list[Path]]:
     """Files under ``root`` (recursively) with an image extension, in sorted order, and those of them left out
     because they or a folder above them are hidden (a name starting with '.'): not the user's pictures, but what
     copying leaves behind, such as macOS's ``._photo.jpg`` resource forks or a ``.thumbnails`` cache."""
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found, walked = [], set()
+    # symlinked folders are followed (a dataset's class folders are often links into a store); each real folder
+    # once, so that a link back up the tree ends the walk instead of looping
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        found += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    found = sorted(p for p in found if p.is_file())
     is_hidden = [any(part.startswith(".") for part in p.relative_to(root).parts) for p in found]
     return ([p for p, h in zip(found, is_hidden) if not h], [p for p, h in zip(found, is_hidden) if h])
 
@@ -40,10 +50,11 @@ def build_manifest(root: str | Path, out: str | Path, labels_from_folders: bool 
                         + (f" outside hidden files and folders ({len(hidden)} there, first: {hidden[0]})"
                            if hidden else ""))
     reasons = check_images(files)
-    base = Path(out).resolve().parent
+    base = Path(os.path.abspath(out)).parent
     rows, skipped = [], []
     for path, reason in zip(files, reasons):
-        rel = Path(os.path.relpath(path.resolve(), base)).as_posix()
+        # abspath, not resolve: a symlinked image is listed where the user put it, under its class folder
+        rel = Path(os.path.relpath(os.path.abspath(path), base)).as_posix()
         if reason:
             skipped.append((rel, reason))
             continue

@@ -281,3 +281,23 @@ def test_a_label_is_one_class_however_its_accents_are_encoded(tmp_path: Path) ->
     assert df.label.tolist() == [composed, composed, "cats"]
     old_run = Vocab(16, (4, 4), ("cats", decomposed))  # a quantize run made before labels were normalised
     assert old_run.class_id(composed) == old_run.class_id(decomposed) == 1
+
+
+def test_symlinked_folders_and_files_are_followed_where_they_sit(tmp_path: Path) -> None:
+    """Class folders that are links into a store are walked (they used to be skipped, silently); a linked image
+    is listed at the link, under its class folder, not at its target; a link back up the tree ends the walk."""
+    store, root = tmp_path / "store", tmp_path / "root"
+    (store / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir(parents=True)
+    rgb(0).save(store / "cats" / "a.png")
+    rgb(1).save(store / "cats" / "b.png")
+    rgb(2).save(root / "dogs" / "c.png")
+    (root / "cats").symlink_to(store / "cats", target_is_directory=True)
+    (root / "dogs" / "a_too.png").symlink_to(store / "cats" / "a.png")
+    (root / "dogs" / "loop").symlink_to(root, target_is_directory=True)
+    res = run(root, "--out", tmp_path / "m.csv", "--labels-from-folders")
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
+    assert dict(zip(df["image_path"], df["label"])) == {
+        "root/cats/a.png": "cats", "root/cats/b.png": "cats", "root/dogs/a_too.png": "dogs", "root/dogs/c.png": "dogs"}
+    assert len(read_manifest(tmp_path / "m.csv")[0]) == 4
