@@ -50,7 +50,7 @@ def build_manifest(root: str | Path, out: str | Path, labels_from_folders: bool 
                         + (f" outside hidden files and folders ({len(hidden)} there, first: {hidden[0]})"
                            if hidden else ""))
     reasons = check_images(files)
-    base = Path(os.path.abspath(out)).parent
+    base = Path(out).resolve().parent  # as read_manifest resolves the manifest's folder: '..' from it is exact
     rows, skipped = [], []
     for path, reason in zip(files, reasons):
         # abspath, not resolve: a symlinked image is listed where the user put it, under its class folder
@@ -105,7 +105,9 @@ def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool,
     """
     df, skipped, hidden = build_manifest(directory, out, labels_from_folders, val_fraction)
     write_atomic(df, out)
-    remember_verified(out, resolve_paths(out, df["image_path"]), [None] * len(df))  # every row was just checked
+    paths = resolve_paths(out, df["image_path"])  # as a stage will read them
+    if all(os.path.isfile(p) for p in paths):  # the files just checked (a stat each): no stage checks them again
+        remember_verified(out, paths, [None] * len(df))
     n_val = int((df["split"] == "val").sum())
     msg = f"wrote {len(df)} images ({len(df) - n_val} train, {n_val} val"
     if labels_from_folders:

@@ -301,3 +301,11 @@ def test_symlinked_folders_and_files_are_followed_where_they_sit(tmp_path: Path)
     assert dict(zip(df["image_path"], df["label"])) == {
         "root/cats/a.png": "cats", "root/cats/b.png": "cats", "root/dogs/a_too.png": "dogs", "root/dogs/c.png": "dogs"}
     assert len(read_manifest(tmp_path / "m.csv")[0]) == 4
+    # a manifest written through a linked folder: its paths lead out of the real folder, where they are read from
+    (tmp_path / "deeper" / "real_meta").mkdir(parents=True)  # not beside the link: '..' leads elsewhere from it
+    (tmp_path / "meta").symlink_to(tmp_path / "deeper" / "real_meta", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    res = run(root, "--out", tmp_path / "elsewhere" / ".." / "meta" / "m.csv")
+    assert res.exit_code == 0, res.output
+    df, _ = read_manifest(tmp_path / "meta" / "m.csv")  # every image found (checked), the links as written
+    assert sorted(Path(p).name for p in df.key) == ["a.png", "a_too.png", "b.png", "c.png"]
