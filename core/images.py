@@ -39,10 +39,15 @@ def load_rgb(source: str | Path | IO[bytes], min_side: int | None = None) -> Ima
             img.draft(None, (min_side, min_side))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # PIL's convert("RGB") clips 16-bit values at 255; rescale to the full 8-bit range instead.
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # PIL's convert("RGB") clips these at 255 (a float image in [0, 1] comes out black): rescale instead. A
+            # 16-bit file uses its whole range; 32-bit integers and floats carry none, so their full scale is the
+            # smallest usual one that holds the values (1 for floats, 255, 65535), else their largest value.
+            arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            peak = float(arr.max())
+            scales = ((65535.0,) if img.mode.startswith("I;16")
+                      else ((1.0,) if img.mode == "F" else ()) + (255.0, 65535.0))
+            top = next((t for t in scales if peak <= t), peak)
             img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")

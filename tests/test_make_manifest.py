@@ -309,3 +309,23 @@ def test_symlinked_folders_and_files_are_followed_where_they_sit(tmp_path: Path)
     assert res.exit_code == 0, res.output
     df, _ = read_manifest(tmp_path / "meta" / "m.csv")  # every image found (checked), the links as written
     assert sorted(Path(p).name for p in df.key) == ["a.png", "a_too.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize("mode,values,scale", [("F", (0.0, 1.0), 1.0), ("F", (0.0, 200.0), 255.0),
+                                               ("F", (0.0, 4000.0), 65535.0), ("F", (-1.0, 3e5), None),
+                                               ("I", (0, 250), 255.0), ("I", (0, 40000), 65535.0),
+                                               ("I", (0, 900000), None), ("I;16", (0, 1000), 65535.0)])
+def test_scientific_images_keep_their_values_in_8_bits(tmp_path: Path, mode: str, values: tuple, scale) -> None:
+    """Float and 32-bit TIFFs (depth maps, sensor data) carry no range: a float image in [0, 1] used to come out
+    black, a 32-bit one beyond 16 bits white. Their full scale is the smallest usual one that holds the values
+    (None here: their largest value); negative values are black."""
+    from core.images import load_rgb
+
+    lo, hi = values
+    grid = np.linspace(lo, hi, 12 * 16).reshape(12, 16)
+    dtype = {"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]
+    Image.fromarray(grid.astype(dtype), mode if mode != "I;16" else None).save(tmp_path / "x.tif")
+    assert Image.open(tmp_path / "x.tif").mode == mode
+    got = np.asarray(load_rgb(tmp_path / "x.tif"))
+    expected = np.clip(grid.astype(dtype).astype(np.float64) / (scale or hi) * 255 + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(got[..., 0], expected) and np.array_equal(got[..., 0], got[..., 2])
