@@ -84,6 +84,9 @@ def check_image(path: str | Path) -> str | None:
                 # scale (draft: still every byte of the stream), about half the time of a full read.
                 img.draft(None, (MIN_SIDE, MIN_SIDE))
                 img.load()
+    except Image.DecompressionBombError:  # PIL's guard against files that expand to gigabytes
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return f"too large: over {limit:,} pixels, more than PIL opens (a decompression-bomb guard); downscale it"
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         if p.suffix.lower() in HEIF_SUFFIXES and not HEIF_READABLE:
             return "unreadable: HEIC/HEIF needs pillow-heif (pip install pillow-heif)"

@@ -329,3 +329,14 @@ def test_scientific_images_keep_their_values_in_8_bits(tmp_path: Path, mode: str
     got = np.asarray(load_rgb(tmp_path / "x.tif"))
     expected = np.clip(grid.astype(dtype).astype(np.float64) / (scale or hi) * 255 + 0.5, 0, 255).astype(np.uint8)
     assert np.array_equal(got[..., 0], expected) and np.array_equal(got[..., 0], got[..., 2])
+
+
+def test_an_image_over_pils_pixel_limit_says_so(tmp_path: Path, monkeypatch) -> None:
+    """PIL refuses images of more than twice MAX_IMAGE_PIXELS (a decompression-bomb guard): the reason says the
+    image is too large and what to do, not the exception's name."""
+    from core.images import check_image
+
+    rgb(0, 40).save(tmp_path / "panorama.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 pixels > 2 x 500
+    assert check_image(tmp_path / "panorama.png") == \
+        "too large: over 1,000 pixels, more than PIL opens (a decompression-bomb guard); downscale it"
