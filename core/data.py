@@ -40,9 +40,10 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
         raise UserError(f"manifest not found: {path}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        if len(df.columns) == 1 and df.columns[0].count(";") + df.columns[0].count("\t") > 0:
-            # a spreadsheet's export in a locale whose lists use ';' (or a tab-separated file)
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=";" if ";" in df.columns[0] else "\t")
+        # one column whose name holds ';' or a tab: a spreadsheet's export in a locale whose lists use ';', or TSV
+        sep = next((c for c in ";\t" if c in df.columns[0]), None) if len(df.columns) == 1 else None
+        if sep:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         if isinstance(exc, pd.errors.EmptyDataError):
             raise UserError(f"manifest {path} is empty; it needs a header row with image_path and one row "
@@ -153,12 +154,18 @@ def check_images(paths: list) -> list[str | None]:
     return reasons
 
 
+def verified_cache(manifest: str | Path, image_paths: list[str]) -> Path:
+    """The file under `cache_dir` that holds `verified_reasons` of this manifest's content, keyed by
+    `manifest_fingerprint` (a stat per image)."""
+    return cache_dir("verified") / f"{manifest_fingerprint(manifest, image_paths)}.json"
+
+
 def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str | None]:
     """`check_image` of every image (None: usable), computed once per manifest content: the result is cached
-    under `cache_dir` keyed by `manifest_fingerprint`, so later stages on the same data open no image."""
+    (`verified_cache`), so later stages on the same data open no image."""
     import json
 
-    cached = cache_dir("verified") / f"{manifest_fingerprint(manifest, image_paths)}.json"
+    cached = verified_cache(manifest, image_paths)
     if cached.is_file():
         try:
             bad = {int(k): str(v) for k, v in json.loads(cached.read_text()).items()}
@@ -166,16 +173,15 @@ def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str |
         except (ValueError, AttributeError):
             pass  # a damaged cache entry: verify again
     reasons = check_images(image_paths)
-    remember_verified(manifest, image_paths, reasons)
+    remember_verified(cached, reasons)
     return reasons
 
 
-def remember_verified(manifest: str | Path, image_paths: list[str], reasons: list[str | None]) -> None:
-    """Cache ``reasons`` (`check_image` of each image) as `verified_reasons` of this manifest's content: also
-    written by make-manifest, whose images were just checked, so the first stage on it decodes none again."""
+def remember_verified(cached: Path, reasons: list[str | None]) -> None:
+    """Write ``reasons`` (`check_image` of each image) to ``cached`` (a `verified_cache` file): also done by
+    make-manifest, whose images were just checked, so the first stage on its manifest decodes none again."""
     import json
 
-    cached = cache_dir("verified") / f"{manifest_fingerprint(manifest, image_paths)}.json"
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({i: r for i, r in enumerate(reasons) if r}))
     os.replace(tmp, cached)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from core.data import check_images, hash_split, remember_verified, resolve_paths
+from core.data import check_images, hash_split, remember_verified, resolve_paths, verified_cache
 from core.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
@@ -107,7 +107,7 @@ def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool,
     write_atomic(df, out)
     paths = resolve_paths(out, df["image_path"])  # as a stage will read them
     if all(os.path.isfile(p) for p in paths):  # the files just checked (a stat each): no stage checks them again
-        remember_verified(out, paths, [None] * len(df))
+        remember_verified(verified_cache(out, paths), [None] * len(df))
     n_val = int((df["split"] == "val").sum())
     msg = f"wrote {len(df)} images ({len(df) - n_val} train, {n_val} val"
     if labels_from_folders:

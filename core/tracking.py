@@ -111,10 +111,9 @@ def _check_store_holds_runs(uri: str) -> None:
         return
     db = Path(uri.removeprefix("sqlite:///"))
     ctx = click.get_current_context(silent=True)
-    named = [(param.opts[0], ctx.params[param.name]) for param in (ctx.command.params if ctx else ())
-             if param.name in ctx.params and isinstance(ctx.params[param.name], str)
-             and (param.name.endswith("run_id") or param.name == "init_from")]
-    named = [(flag, value) for flag, value in named if value]
+    named = [(param.opts[0], ctx.params.get(param.name)) for param in (ctx.command.params if ctx else ())
+             if param.name.endswith("run_id") or param.name == "init_from"]
+    named = [(flag, value) for flag, value in named if value and isinstance(value, str)]
     if named and not db.exists():
         flag, value = named[0]
         raise UserError(f"no MLflow tracking database at {db.resolve()}, so {flag} {value} "

@@ -53,9 +53,9 @@ class Vocab(CodeGrids, TokenLayout):
 
     def class_id(self, label: str) -> int:
         """A label given by name or by class id; unknown labels list the known ones."""
-        names = [unicodedata.normalize("NFC", c) for c in self.classes]  # as read_manifest stores labels
-        if unicodedata.normalize("NFC", label) in names:
-            return names.index(unicodedata.normalize("NFC", label))
+        names, wanted = [unicodedata.normalize("NFC", c) for c in self.classes], unicodedata.normalize("NFC", label)
+        if wanted in names:  # NFC, as read_manifest stores labels: runs made before that still resolve
+            return names.index(wanted)
         if label.isdecimal() and int(label) < self.num_classes:
             return int(label)
         known = ", ".join(self.classes) if self.classes else "none: the model is unconditional"
