@@ -340,3 +340,18 @@ def test_an_image_over_pils_pixel_limit_says_so(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 pixels > 2 x 500
     assert check_image(tmp_path / "panorama.png") == \
         "too large: over 1,000 pixels, more than PIL opens (a decompression-bomb guard); downscale it"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_model_input_is_torchvisions_to_tensor_and_normalize(seed: int) -> None:
+    """`to_input` is torchvision's ToTensor then Normalize(0.5, 0.5), bit for bit, on images of any shape."""
+    from torchvision import transforms
+
+    from core.images import to_input
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 90, 2))
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    expected = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(img))
+    got = to_input(img)
+    assert got.dtype == expected.dtype and got.is_contiguous() and bool((got == expected).all())
