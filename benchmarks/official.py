@@ -49,6 +49,18 @@ def mingpt():
     return module
 
 
+def image_paths():
+    """taming.data.base.ImagePaths, the official training data loader (PIL decode of every pixel, then
+    albumentations' SmallestMaxSize and RandomCrop), or None (with a printed note) when taming or albumentations is
+    not installed."""
+    try:
+        from taming.data.base import ImagePaths
+    except ImportError as exc:
+        print(f"note: {NOT_INSTALLED} ({exc})")
+        return None
+    return ImagePaths
+
+
 def _instantiate_from_config(config: dict):
     """taming.main's instantiate_from_config (taming.main itself imports omegaconf and the Lightning trainer)."""
     import importlib
