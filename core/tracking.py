@@ -94,13 +94,29 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
                             "start it or pass another --tracking-uri") from None
     mlflow.set_tracking_uri(uri)
     try:
-        exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
-        _EXPERIMENT_ID.set(exp.experiment_id)
-        for key, value in EXPERIMENT_TAGS.items():  # once: a user's own description or kind is kept
-            if key not in exp.tags:
-                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+        with _sqlite_setup_lock(uri):
+            exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+            _EXPERIMENT_ID.set(exp.experiment_id)
+            for key, value in EXPERIMENT_TAGS.items():  # once: a user's own description or kind is kept
+                if key not in exp.tags:
+                    mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line
         raise UserError(f"cannot use MLflow tracking store {uri}: {_first_line(exc)}") from None
+
+
+def _sqlite_setup_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock held while MLflow opens a SQLite store: MLflow creates a new database's tables and migrates an old
+    one's in steps that two processes must not take at once (two commands started together on a fresh
+    ``mlflow.db``, e.g. a job array or two terminals, otherwise fail with "table ... already exists"). The lock
+    is a hidden file beside the database; other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not db.parent.is_dir():
+        return contextlib.nullcontext()  # MLflow's own error names the missing folder
+    from filelock import FileLock
+
+    return FileLock(db.with_name(f".{db.name}.lock"))
 
 
 def _check_store_holds_runs(uri: str) -> None:

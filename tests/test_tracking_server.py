@@ -135,3 +135,32 @@ def test_a_run_named_in_a_folder_without_the_database(tmp_path, monkeypatch, arg
     line = error_line(res.stderr)
     assert line.startswith(f"Error: no MLflow tracking database at {tmp_path / 'elsewhere.db'}, so {args[1]} "), line
     assert "--tracking-uri" in line and not list(tmp_path.iterdir())
+
+
+CONNECT_AT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from core.tracking import connect
+import mlflow
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # every process opens the store at the same moment
+connect(sys.argv[2], "together")
+with mlflow.start_run():
+    mlflow.log_param("p", 1)
+"""
+
+
+def test_commands_started_together_on_a_fresh_database(tmp_path):
+    """A job array, or two terminals, starting stages at once in a new folder: MLflow builds a fresh SQLite
+    store's tables in migration steps that raced ("table ... already exists", "duplicate column name") and
+    failed every process but one. Each must get its run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.time() + 8  # past every process's imports
+    procs = [subprocess.Popen([sys.executable, "-c", CONNECT_AT, str(ROOT), uri, str(start)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e.strip().splitlines()[-1] for e in errors if e)
+    import mlflow
+
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("together")
+                                                 .experiment_id])
+    assert len(runs) == 3
