@@ -38,13 +38,27 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
+    with open(path, "rb") as f:
+        # a UTF-16 byte-order mark: a spreadsheet's "Unicode Text" (tab-separated); UTF-8's own mark pandas skips
+        encoding = "utf-16" if f.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
         # one column whose name holds ';' or a tab: a spreadsheet's export in a locale whose lists use ';', or TSV
         sep = next((c for c in ";\t" if c in df.columns[0]), None) if len(df.columns) == 1 else None
         if sep:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep, encoding=encoding)
+    except UnicodeDecodeError:
+        # e.g. a spreadsheet's plain "CSV" on Windows (cp1252): guessing the code page would misname the files
+        raw = path.read_bytes()
+        try:
+            raw.decode(encoding)
+            at = ""
+        except UnicodeDecodeError as exc:  # pandas' own error counts within a chunk: find the line here
+            line = raw[:exc.start].count(b"\n") + 1
+            at = f" (line {line}: byte 0x{raw[exc.start]:02x})"
+        raise UserError(f"manifest {path} is not {encoding.upper()} text{at}; save it as UTF-8 (a spreadsheet's "
+                        "\"CSV UTF-8\")") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         if isinstance(exc, pd.errors.EmptyDataError):
             raise UserError(f"manifest {path} is empty; it needs a header row with image_path and one row "
                             "per image") from None

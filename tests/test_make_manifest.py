@@ -11,6 +11,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from core.data import read_manifest
+from core.errors import UserError
 from core.manifest import build_manifest, make_manifest_command
 
 
@@ -177,22 +178,35 @@ def test_images_load_upright_by_their_exif_orientation(tmp_path: Path, orientati
     assert np.array_equal(np.asarray(load_rgb(tmp_path / "photo.png")), np.rot90(stored, turn))
 
 
-@pytest.mark.parametrize("header,sep,bom,newline", [("image_path,label,split", ",", False, "\n"),
-                                                   ("image_path;label;split", ";", False, "\r\n"),
-                                                   ("image_path\tlabel\tsplit", "\t", True, "\n"),
-                                                   ("Image Path,Label , Split", ",", True, "\r\n")])
+@pytest.mark.parametrize("header,sep,bom,newline,encoding", [("image_path,label,split", ",", False, "\n", "utf-8"),
+                                                            ("image_path;label;split", ";", False, "\r\n", "utf-8"),
+                                                            ("image_path\tlabel\tsplit", "\t", True, "\n", "utf-8"),
+                                                            ("Image Path,Label , Split", ",", True, "\r\n", "utf-8"),
+                                                            ("image_path\tlabel\tsplit", "\t", True, "\r\n",
+                                                             "utf-16-le"),
+                                                            ("image_path,label,split", ",", True, "\n", "utf-16-be")])
 def test_manifests_saved_by_a_spreadsheet_read_the_same(tmp_path: Path, header: str, sep: str, bom: bool,
-                                                        newline: str) -> None:
+                                                        newline: str, encoding: str) -> None:
     """Spreadsheets save manifests their way: ';' where the locale's lists use commas, tabs, a byte-order mark,
-    CRLF line ends, headers as a person would type them. The rows read are the same."""
+    CRLF line ends, UTF-16 ("Unicode Text"), headers as a person would type them. The rows read are the same."""
     for i in range(3):
-        rgb(i).save(tmp_path / f"a{i}.png")
-    rows = [sep.join([f"a{i}.png", "cat" if i else "dog", "val" if i == 2 else "train"]) for i in range(3)]
+        rgb(i).save(tmp_path / f"ä{i}.png")
+    rows = [sep.join([f"ä{i}.png", "cat" if i else "dög", "val" if i == 2 else "train"]) for i in range(3)]
     (tmp_path / "m.csv").write_bytes((("\ufeff" if bom else "") + newline.join([header, *rows]) + newline)
-                                     .encode("utf-8"))
+                                     .encode(encoding))
     df, _ = read_manifest(tmp_path / "m.csv")
-    assert [Path(p).name for p in df.image_path] == ["a0.png", "a1.png", "a2.png"]
-    assert df.label.tolist() == ["dog", "cat", "cat"] and df.split.tolist() == ["train", "train", "val"]
+    assert [Path(p).name for p in df.image_path] == ["ä0.png", "ä1.png", "ä2.png"]
+    assert df.label.tolist() == ["dög", "cat", "cat"] and df.split.tolist() == ["train", "train", "val"]
+
+
+def test_a_manifest_in_a_legacy_code_page_says_how_to_save_it(tmp_path: Path) -> None:
+    """A spreadsheet's plain "CSV" on Windows is cp1252: its bytes are not UTF-8, and guessing a code page would
+    name other files. The error gives the line and the format to save in."""
+    rgb(0).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_bytes("image_path,label\na.png,dog\nb.png,caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(UserError, match=r"^manifest .*m\.csv is not UTF-8 text \(line 3: byte 0xe9\); save it as "
+                                        r"UTF-8 \(a spreadsheet's \"CSV UTF-8\"\)$"):
+        read_manifest(tmp_path / "m.csv")
 
 
 @pytest.mark.parametrize("min_side,decoded", [(None, (800, 600)), (64, (100, 75)), (100, (200, 150)),
