@@ -128,7 +128,11 @@ def cache_dir(*parts: str) -> Path:
     root = os.environ.get("TAMING_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                           "taming-mlflow")
     folder = Path(root, *parts)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a container's read-only or missing home, a full disk
+        raise UserError(f"cannot create the cache folder {folder} ({exc.strerror}); set TAMING_CACHE_DIR to a "
+                        "writable folder") from None
     return folder
 
 
@@ -179,7 +183,10 @@ def verified_reasons(manifest: str | Path, image_paths: list[str]) -> list[str |
     (`verified_cache`), so later stages on the same data open no image."""
     import json
 
-    cached = verified_cache(manifest, image_paths)
+    try:
+        cached = verified_cache(manifest, image_paths)
+    except UserError:
+        return check_images(image_paths)  # no cache folder: a speed-up lost, nothing else (quantize needs one)
     if cached.is_file():
         try:
             bad = {int(k): str(v) for k, v in json.loads(cached.read_text()).items()}
@@ -197,8 +204,11 @@ def remember_verified(cached: Path, reasons: list[str | None]) -> None:
     import json
 
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({i: r for i, r in enumerate(reasons) if r}))
-    os.replace(tmp, cached)
+    try:
+        tmp.write_text(json.dumps({i: r for i, r in enumerate(reasons) if r}))
+        os.replace(tmp, cached)
+    except OSError:  # a full or read-only disk: the next stage checks the images again, nothing is lost
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest_on_ranks(rt, path: str | Path, val_fraction: float, skip_bad_images: bool,

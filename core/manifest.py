@@ -1,6 +1,7 @@
 """make-manifest: scan a folder of images into the CSV manifest that train-vqvae and quantize read."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -107,7 +108,8 @@ def make_manifest_command(directory: Path, out: Path, labels_from_folders: bool,
     write_atomic(df, out)
     paths = resolve_paths(out, df["image_path"])  # as a stage will read them
     if all(os.path.isfile(p) for p in paths):  # the files just checked (a stat each): no stage checks them again
-        remember_verified(verified_cache(out, paths), [None] * len(df))
+        with contextlib.suppress(UserError):  # no cache folder: the stages check the images themselves
+            remember_verified(verified_cache(out, paths), [None] * len(df))
     n_val = int((df["split"] == "val").sum())
     msg = f"wrote {len(df)} images ({len(df) - n_val} train, {n_val} val"
     if labels_from_folders:

@@ -249,6 +249,22 @@ def test_read_only_output_folder(files, tmp_path, monkeypatch):
     fails("make-manifest", files / "img", "--out", locked / "m.csv", expect=f"cannot write to output folder {locked}")
 
 
+def test_a_cache_folder_that_cannot_be_made(chain, files, tmp_path, monkeypatch):
+    """A container whose home is read-only or missing (``docker run -u``): the verification cache is a speed-up,
+    so make-manifest and training go on without it; quantize's work folder is not, so it stops before its run
+    exists, naming the folder and TAMING_CACHE_DIR."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("TAMING_CACHE_DIR", str(blocker / "cache"))
+    res = invoke("make-manifest", files / "img", "--out", tmp_path / "m.csv")
+    assert res.exit_code == 0, res.output
+    res = invoke("train-vqvae", "--manifest", tmp_path / "m.csv", *VQ_ONE_STEP)
+    assert res.exit_code == 0, res.output
+    fails("quantize", "--vqvae-run-id", chain["vq"], "--num-workers", "0",
+          expect=f"cannot create the cache folder {blocker / 'cache' / 'quantize'} (Not a directory); set "
+                 "TAMING_CACHE_DIR to a writable folder")
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_image_that_breaks_after_the_check(files, monkeypatch, workers):
     """An image that passed the manifest check and is unreadable when a step loads it (replaced, or on a failing

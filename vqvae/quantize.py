@@ -187,6 +187,8 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
                         "pass --manifest")
     if not cfg.manifest and not Path(manifest).is_file():
         raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
+    if rt.is_main:
+        cache_dir("quantize")  # where the codes will grow: a folder that cannot be made fails before the run
     df, skipped = read_manifest_on_ranks(rt, manifest, tok.val_fraction, cfg.skip_bad_images, cfg.verify)
     with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, upstream_stage="vqvae",
                    resume_run_id=resume_run_id, enabled=rt.is_main,
