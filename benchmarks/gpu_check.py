@@ -132,7 +132,7 @@ def gpt_train_step(model: torch.nn.Module, seq: torch.Tensor, official_model: bo
     def step() -> None:
         with rt.autocast():
             if official_model:
-                loss = model(seq[:, :-1], targets=seq[:, 1:])[1]
+                loss = model(seq[:, :-1], targets=seq[:, 1:].contiguous())[1]  # mingpt views the targets
             else:
                 logits = model(seq[:, :-1])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
