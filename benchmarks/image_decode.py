@@ -1,9 +1,9 @@
 """Time to turn a phone photo into a training crop: the training loader (`ImageDataset`, which decodes a JPEG at
-the smallest 1/2, 1/4 or 1/8 scale that still covers the crop) against the official taming data loader itself
+the smallest 1/2, 1/4 or 1/8 scale that still covers the crop, and reduces a PNG by a whole factor first) against the official taming data loader itself
 (``taming.data.base.ImagePaths`` with random crops, installed from benchmarks/requirements.txt: every pixel
 decoded, then albumentations) and against our loader decoding every pixel first; and how far apart our two crops
 are.
-    python benchmarks/image_decode.py [--quick] [--sizes 32,256,512]
+    python benchmarks/image_decode.py [--quick] [--sizes 32,256,512] [--format jpg|png]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from common import machine
 from official import image_paths
 
 
-def phone_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
-    """``n`` JPEGs at ``size`` (quality 92, as phones save): scikit-learn's two sample photographs, upscaled and
-    shifted so that no two files are the same."""
+def phone_photos(folder: Path, n: int, size: tuple[int, int], fmt: str = "jpg") -> list[Path]:
+    """``n`` photos at ``size`` (JPEG at quality 92, as phones save, or PNG): scikit-learn's two sample
+    photographs, upscaled and shifted so that no two files are the same."""
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
@@ -31,8 +31,8 @@ def phone_photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     for i in range(n):
         big = photos[i % 2].resize((size[0] + 8 * i, size[1] + 6 * i), Image.BICUBIC).crop((8 * i, 6 * i, *[
             s + d * i for s, d in zip(size, (8, 6))]))
-        paths.append(folder / f"{i:03d}.jpg")
-        big.save(paths[-1], quality=92)
+        paths.append(folder / f"{i:03d}.{fmt}")
+        big.save(paths[-1], **({"quality": 92} if fmt == "jpg" else {"compress_level": 6}))
     return paths
 
 
@@ -40,6 +40,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="4 smaller photos (a smoke test, not a figure)")
     p.add_argument("--sizes", default="32,256,512", help="training resolutions (shorter side, then crop)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg",
+                   help="photos as JPEG (decoded at a reduced scale) or PNG (every pixel decoded, then reduced)")
     args = p.parse_args()
 
     from unittest import mock
@@ -58,10 +60,11 @@ def main() -> None:
     shape = (1008, 756) if args.quick else (4032, 3024)  # a 12-MP phone photo
     n = 4 if args.quick else 12
     with tempfile.TemporaryDirectory() as d:
-        paths = [str(q) for q in phone_photos(Path(d), n, shape)]
+        paths = [str(q) for q in phone_photos(Path(d), n, shape, args.format)]
+        kind = "JPEGs" if args.format == "jpg" else "PNGs"
         print(f"\nphone photo -> training crop, one thread — {machine()}", file=sys.stderr)
-        print(f"{n} JPEGs of {shape[0]}x{shape[1]} (quality 92); resize the shorter side, random crop (ours: and "
-              "flip); median of 3 passes, interleaved", file=sys.stderr)
+        print(f"{n} {kind} of {shape[0]}x{shape[1]}{' (quality 92)' if args.format == 'jpg' else ''}; resize the "
+              "shorter side, random crop (ours: and flip); median of 3 passes, interleaved", file=sys.stderr)
         print(f"{'crop px':>7} {'official ms':>12} {'full decode ms':>15} {'loader ms':>10} {'vs official':>12} "
               f"{'vs full':>8} {'crops apart (PSNR)':>19}")
         for size in map(int, args.sizes.split(",")):

@@ -1,7 +1,9 @@
 """make-manifest: scanning a folder tree into a manifest that training reads."""
 from __future__ import annotations
 
+import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -211,20 +213,54 @@ def test_a_manifest_in_a_legacy_code_page_says_how_to_save_it(tmp_path: Path) ->
 
 @pytest.mark.parametrize("min_side,decoded", [(None, (800, 600)), (64, (100, 75)), (100, (200, 150)),
                                               (300, (400, 300)), (700, (800, 600))])
-def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_crop(tmp_path: Path, min_side, decoded) -> None:
-    """A training crop of ``min_side`` px needs no more pixels than that: the JPEG decodes at 1/8, 1/4 or 1/2 scale
-    while both sides stay at least ``min_side`` long. Other formats, and turned photos, keep their full size."""
+def test_a_large_image_comes_back_at_the_size_the_crop_needs(tmp_path: Path, monkeypatch, min_side,
+                                                             decoded) -> None:
+    """A crop of ``min_side`` px needs no more pixels than that: a JPEG decodes at 1/8, 1/4 or 1/2 scale (while
+    both sides stay at least ``min_side`` long), and every image comes back with its shorter side ``min_side``, the
+    size torchvision's resize gives, so the caller's resize changes nothing. A smaller image is left as it is."""
+    import torchvision.transforms.functional as TF
+
     from core.images import load_rgb
 
     stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    want = TF.resize(stored, min_side).size if min_side and min_side < 600 else (800, 600)
+    resized = []  # the size each image had when it was resized: what was decoded
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: resized.append(self.size) or resize(self, *a, **k))
     stored.save(tmp_path / "photo.jpg", quality=90)
-    assert load_rgb(tmp_path / "photo.jpg", min_side).size == decoded
     stored.save(tmp_path / "photo.png")
-    assert load_rgb(tmp_path / "photo.png", min_side).size == (800, 600)
     exif = stored.getexif()
     exif[0x0112] = 6
     stored.save(tmp_path / "turned.jpg", quality=90, exif=exif)
-    assert load_rgb(tmp_path / "turned.jpg", min_side).size == decoded[::-1]
+    assert load_rgb(tmp_path / "photo.jpg", min_side).size == want
+    assert load_rgb(tmp_path / "photo.png", min_side).size == want
+    assert load_rgb(tmp_path / "turned.jpg", min_side).size == want[::-1]
+    assert resized == [size for size in (decoded, (800, 600), decoded[::-1]) if min_side and min(size) > min_side]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_large_image_is_resized_as_torchvision_resizes_it(tmp_path: Path, seed: int) -> None:
+    """Random shapes and sides: the size is torchvision's to the pixel (so the later resize is a no-op), and the
+    pixels of a large image, reduced by a whole factor first (Pillow's reducing_gap), stay within 45 dB of
+    resizing the full image; an image up to three times the side is resized exactly as torchvision does."""
+    import torchvision.transforms.functional as TF
+
+    from core.images import load_rgb, resized_size
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        w, h, side = int(rng.integers(8, 5000)), int(rng.integers(8, 5000)), int(rng.integers(8, 400))
+        assert resized_size((w, h), side) == TF.resize(Image.new("L", (w, h)), side).size, (w, h, side)
+    w, h = (int(v) for v in rng.integers(900, 2000, 2))
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8))
+                        .resize((w, h), Image.BICUBIC))  # photo-like: detail at every scale but the finest
+    Image.fromarray(smooth).save(tmp_path / "photo.png")
+    for side in (int(rng.integers(32, 100)), int(rng.integers(min(w, h) // 3, min(w, h)))):
+        ours = np.asarray(load_rgb(tmp_path / "photo.png", side), dtype=np.float64)
+        full = np.asarray(TF.resize(Image.fromarray(smooth), side, antialias=True), dtype=np.float64)
+        assert ours.shape == full.shape
+        psnr = 10 * np.log10(255 ** 2 / max(((ours - full) ** 2).mean(), 1e-10))
+        assert psnr > (45 if side * 3 < min(w, h) else 100), (side, psnr)
 
 
 def test_phone_and_web_formats_are_found_and_read(tmp_path: Path) -> None:
@@ -369,3 +405,98 @@ def test_model_input_is_torchvisions_to_tensor_and_normalize(seed: int) -> None:
     expected = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(img))
     got = to_input(img)
     assert got.dtype == expected.dtype and got.is_contiguous() and bool((got == expected).all())
+
+
+def _s15(x: float) -> bytes:
+    return struct.pack(">i", round(x * 65536))
+
+
+def _icc(device_class: bytes, space: bytes, pcs: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A minimal ICC v2 profile: header, tag table, tags (each padded to 4 bytes)."""
+    text = b"test profile"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text) + 1) + text + bytes(1 + 4 + 4 + 2 + 1 + 67)),
+            (b"wtpt", b"XYZ " + bytes(4) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)), *tags]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + struct.pack(">I", 0x02100000) + device_class + space
+              + pcs + bytes(12) + b"acsp" + bytes(28) + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def rgb_profile(red, green, blue, gamma: float = 2.2) -> bytes:
+    """A display profile from three colorants (D50 XYZ) and one gamma for every channel, as Display P3 and Adobe
+    RGB are made."""
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
+    xyz = [b"XYZ " + bytes(4) + b"".join(_s15(c) for c in v) for v in (red, green, blue)]
+    return _icc(b"mntr", b"RGB ", b"XYZ ", [(b"rXYZ", xyz[0]), (b"gXYZ", xyz[1]), (b"bXYZ", xyz[2]),
+                                           (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)])
+
+
+def cmyk_profile(ink_lab: tuple[int, int, int]) -> bytes:
+    """A printer profile (a 2-point lut8 to Lab) on white paper whose black ink prints black and whose every
+    other ink prints ``ink_lab`` (L*, a*, b*)."""
+    def lab(c: int, m: int, y: int, k: int) -> tuple[int, int, int]:
+        L, a, b = (0, 0, 0) if k else ink_lab if c or m or y else (100, 0, 0)
+        return L * 255 // 100, a + 128, b + 128
+
+    clut = b"".join(bytes(lab(*corner)) for corner in np.ndindex(2, 2, 2, 2))
+    ramp = bytes(range(256))
+    lut = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + b"".join(_s15(float(i % 4 == 0)) for i in range(9)) + \
+        ramp * 4 + clut + ramp * 3
+    return _icc(b"prtr", b"CMYK", b"Lab ", [(b"A2B0", lut)])
+
+
+SRGB_D50 = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".webp", ".jpg"])
+def test_images_are_read_in_the_colours_their_profile_gives(tmp_path: Path, suffix: str) -> None:
+    """An embedded ICC profile says what the numbers mean: a wide-gamut photo (an iPhone's Display P3, a camera's
+    Adobe RGB) read as sRGB numbers looks duller than in any viewer. Files are converted to sRGB; a file that
+    embeds sRGB itself reads unchanged, and so does a file with a broken profile (as viewers show it)."""
+    from PIL import ImageCms
+
+    from core.images import load_rgb
+
+    red, green, blue = SRGB_D50
+    pixels = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0], [128, 64, 32]]],
+                      dtype=np.uint8).repeat(8, 0).repeat(8, 1)  # 8x8 blocks: JPEG keeps flat colours
+    image = Image.fromarray(pixels)
+    options = {"quality": 100, "subsampling": 0} if suffix == ".jpg" else {"lossless": True}
+
+    def read(name: str, profile: bytes | None) -> np.ndarray:
+        image.save(tmp_path / f"{name}{suffix}", icc_profile=profile, **options)
+        return np.asarray(load_rgb(tmp_path / f"{name}{suffix}"), dtype=np.int16)[::8, ::8]
+
+    plain = read("plain", None)
+    # primaries swapped: what the file calls red is sRGB's green and back, which no rounding can fake
+    swapped = read("swapped", rgb_profile(green, red, blue))
+    assert np.abs(swapped[0, :5] - plain[0, :5][:, [1, 0, 2]]).max() <= 2, swapped
+    assert np.abs(swapped[0, 5] - plain[0, 5][[1, 0, 2]]).max() <= 6, swapped  # gamma 2.2 against sRGB's curve
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert np.array_equal(read("srgb", srgb), plain)
+    assert np.array_equal(read("broken", srgb[:200]), plain)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".jpg"])
+def test_a_cmyk_file_is_read_through_its_profile(tmp_path: Path, suffix: str) -> None:
+    """Print workflows save CMYK with the press's profile; PIL's own CMYK to RGB is a naive inversion (cyan ink
+    as (0, 255, 255) whatever the profile says). Here every ink prints a red: the file reads red."""
+    from PIL import ImageCms
+
+    from core.images import load_rgb
+
+    profile = cmyk_profile((50, 60, 40))
+    image = Image.new("CMYK", (4, 1))
+    image.putdata([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (0, 128, 0, 0)])  # paper, cyan, black, magenta
+    image = image.resize((32, 8), Image.NEAREST)
+    image.save(tmp_path / f"print{suffix}", icc_profile=profile, quality=100)
+    got = np.asarray(load_rgb(tmp_path / f"print{suffix}"), dtype=np.int16)[::8, ::8][0]
+    want = np.asarray(ImageCms.profileToProfile(Image.open(tmp_path / f"print{suffix}"), ImageCms.ImageCmsProfile(
+        io.BytesIO(profile)), ImageCms.createProfile("sRGB"), outputMode="RGB"), dtype=np.int16)[::8, ::8][0]
+    assert np.array_equal(got, want)
+    # white paper, black ink black, the cyan ink red as its profile says (PIL alone: (0, 255, 255))
+    assert (got[0] >= 250).all() and (got[2] <= 5).all() and got[1, 0] > got[1, 1] + 80, got
