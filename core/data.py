@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,13 +73,19 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     df = df[df["image_path"].str.strip() != ""].reset_index(drop=True)
     if df.empty:
         raise UserError(f"manifest {path} lists no images")
-    dup = df["image_path"].duplicated()
+    resolved = resolve_paths(path, df["image_path"])
+    # one file written two ways ("a.png", "./a.png"; two CSVs joined) is a duplicate too: it would be trained on
+    # twice, and could land in both splits (the split hashes the path as written)
+    dup = pd.Series(resolved).duplicated()
     if dup.any():
-        raise UserError(f"manifest {path} lists {int(dup.sum())} duplicate image paths (first: "
-                        f"{df['image_path'][dup].iloc[0]}); remove the repeated rows")
+        first = df["image_path"][dup.values].iloc[0]
+        again = df["image_path"][[p == resolved[int(dup.values.argmax())] for p in resolved]].tolist()
+        written = f"{first}" if len(set(again)) == 1 else " and ".join(dict.fromkeys(again))
+        raise UserError(f"manifest {path} lists {int(dup.sum())} duplicate image paths (first: {written}); "
+                        "remove the repeated rows")
     out = pd.DataFrame({
         "key": df["image_path"],
-        "image_path": resolve_paths(path, df["image_path"]),
+        "image_path": resolved,
         # NFC: macOS names files (and so make-manifest's folder labels) in decomposed Unicode, people type composed
         # characters; "dögs" either way is one class
         "label": (df["label"].astype(str).str.strip().str.normalize("NFC").replace("", pd.NA)
@@ -104,6 +111,10 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
                 raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; relative paths are "
                                 f"read from the manifest's folder {path.resolve().parent}, but {key} exists from "
                                 "the current folder: write the paths relative to the manifest, or absolute")
+            if reason == "missing" and re.match(r"^([A-Za-z]:)?\\\\|^[A-Za-z]:[\\/]", key) and os.sep == "/":
+                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {key} is a Windows "
+                                "path: write the paths relative to the manifest's folder (with / or \\), or as "
+                                "they are on this machine")
             raise UserError(f"{len(bad)} of {len(out)} images are missing or unusable, first: {first}; "
                             "fix the manifest or pass --skip-bad-images")
         if bad:
@@ -117,9 +128,17 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
 
 
 def resolve_paths(manifest: str | Path, written: Iterable[str]) -> list[str]:
-    """A manifest's image paths as written (absolute, or relative to the manifest's folder) made absolute."""
+    """A manifest's image paths as written (absolute, or relative to the manifest's folder) made absolute. A
+    relative path written with Windows' backslashes (``cats\\01.png``, a manifest made on Windows and used here)
+    names the file it means where no file has the backslashes in its name."""
     base = Path(manifest).resolve().parent
-    return [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in written]
+
+    def resolve(p: str) -> str:
+        if "\\" in p and os.sep == "/" and not Path(p).is_absolute() and not (base / p).exists():
+            p = p.replace("\\", "/")
+        return str(p if Path(p).is_absolute() else (base / p).resolve())
+
+    return [resolve(p) for p in written]
 
 
 def cache_dir(*parts: str) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -500,3 +501,28 @@ def test_a_cmyk_file_is_read_through_its_profile(tmp_path: Path, suffix: str) ->
     assert np.array_equal(got, want)
     # white paper, black ink black, the cyan ink red as its profile says (PIL alone: (0, 255, 255))
     assert (got[0] >= 250).all() and (got[2] <= 5).all() and got[1, 0] > got[1, 1] + 80, got
+
+
+def test_a_manifest_written_on_windows(tmp_path: Path) -> None:
+    """A manifest made on Windows and used on a Linux machine: relative paths with backslashes name the files they
+    mean; an absolute Windows path (a drive letter, a share) cannot, and the error says so."""
+    (tmp_path / "cats").mkdir()
+    for i in range(2):
+        rgb(i).save(tmp_path / "cats" / f"0{i}.png")
+    (tmp_path / "m.csv").write_text("image_path,label\r\ncats\\00.png,cat\r\ncats\\01.png,cat\r\n")
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert df.image_path.tolist() == [str(tmp_path / "cats" / f"0{i}.png") for i in range(2)]
+    for absolute in ("C:\\Users\\me\\cats\\00.png", "\\\\server\\share\\cats\\00.png"):
+        (tmp_path / "m.csv").write_text(f"image_path\r\n{absolute}\r\ncats\\01.png\r\n")
+        with pytest.raises(UserError, match=rf"{re.escape(absolute)} is a Windows path: write the paths relative"):
+            read_manifest(tmp_path / "m.csv")
+
+
+def test_one_file_written_two_ways_is_a_duplicate(tmp_path: Path) -> None:
+    """Two CSVs joined, or a path written as "a.png" and "./a.png": the same file twice, trained on twice and
+    possibly in both splits (the split hashes the path as written)."""
+    rgb(0).save(tmp_path / "a.png")
+    rgb(1).save(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text(f"image_path\na.png\nb.png\n./a.png\n{tmp_path / 'b.png'}\n")
+    with pytest.raises(UserError, match=r"lists 2 duplicate image paths \(first: a\.png and \./a\.png\)"):
+        read_manifest(tmp_path / "m.csv")
