@@ -141,7 +141,8 @@ def test_failed_stage_stops_with_one_line_and_a_rerun_continues(tracking_dir, da
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "train.n-layers=2"], "unknown option 'n-layers' in [train] of --set; valid options: n-layer,"),
+    (["--set", "train.n-layers=2"],
+     "unknown option 'n-layers' in [train] of --set (did you mean n-layer?); valid options: n-layer,"),
     (["--set", "sample.seed=2"], "unknown section [sample] in --set; valid sections: vqvae, quantize, train,"),
     (["--set", "train.quantize-run-id=abc"], "unknown option 'quantize-run-id' in [train]"),
     (["--set", "train.max-steps=many"], "[train] max-steps in --set: 'many' is not a valid integer"),
@@ -160,7 +161,7 @@ def test_unknown_key_in_config_file_is_named(tracking_dir, dataset, tmp_path):
     path.write_text("[train]\nmax-step = 10\n")
     res = invoke("pipeline", "--manifest", dataset, "--config", path)
     assert res.exit_code == 1
-    assert f"unknown option 'max-step' in [train] of {path}; valid options:" in res.stderr
+    assert f"unknown option 'max-step' in [train] of {path} (did you mean max-steps?); valid options:" in res.stderr
 
 
 def test_manifest_is_required(tracking_dir, config):

@@ -8,6 +8,7 @@ it reuses are linked from its description and tags; it holds the settings and th
 from __future__ import annotations
 
 import contextlib
+import difflib
 import shlex
 import sys
 import time
@@ -91,7 +92,9 @@ def check_settings(raw: Any, source: str) -> Settings:
             name = str(key).replace("-", "_")
             if name not in options:
                 valid = ", ".join(n.replace("_", "-") for n in options)
-                raise UserError(f"unknown option {key!r} in [{section}] of {source}; valid options: {valid}")
+                close = difflib.get_close_matches(name, list(options), n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+                raise UserError(f"unknown option {key!r} in [{section}] of {source}{hint}; valid options: {valid}")
             if value is not None:  # YAML `key:` with no value: keep the default
                 out.setdefault(section, {})[name] = convert(options[name], value, f"[{section}] {key} in {source}")
     return out
