@@ -131,3 +131,16 @@ def check_psnr(cfg: Any, step: int, psnr: float) -> None:
         first = history[-3]
         report(f"tokenizer PSNR stalled at step {step}: {psnr:.1f} dB, {psnr - first[1]:+.2f} dB since step "
                f"{first[0]}; retrain with {psnr_remedies(cfg)}")
+
+
+def note_no_val_split(what: str, fix: str) -> None:
+    """A run whose data has no val split validates on training data: say so once, on stderr and as the tag
+    ``val_split`` of the active run (not ``health``: the other checks still speak), since "val" metrics that
+    measure training data cannot show overfitting and pick the last weights as the best."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        if "val_split" in mlflow.MlflowClient().get_run(_run_id()).data.tags:
+            return  # said when the run started (a resumed run)
+        mlflow.set_tag("val_split", f"none: val metrics measure {what}")
+    click.echo(f"note: no val split: val metrics measure {what}, so they cannot show overfitting; {fix}", err=True)

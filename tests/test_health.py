@@ -111,3 +111,27 @@ def test_stalled_tokenizer_psnr_names_the_options_that_help(monkeypatch, capsys)
     assert "--lr-schedule cosine" in err and health.psnr_remedies(VQConfig()).startswith("--lr-schedule cosine")
     assert health.psnr_remedies(VQConfig(quantizer="fsq")).startswith("--lr-schedule cosine")
     assert "--lr-schedule" not in health.psnr_remedies(VQConfig(quantizer="fsq", lr_schedule="cosine"))
+
+
+def test_a_run_without_a_val_split_says_what_its_val_metrics_measure(tracking_dir, tmp_path):
+    """A small folder whose hash split put no image in val (or a split column with none): both stages validate on
+    training data, which cannot show overfitting; each says so once, on stderr and as the tag ``val_split``, and
+    the other health checks keep their tag."""
+    from conftest import make_image_set
+
+    manifest = make_image_set(tmp_path, n=8)
+    manifest.write_text(manifest.read_text().replace(",val\n", ",train\n"))
+    res = invoke("train-vqvae", "--manifest", manifest, *TINY_VQ, "--max-steps", "2", "--val-every", "1")
+    assert res.exit_code == 0, res.output
+    vq = last_line(res.stdout)
+    assert res.stderr.count("note: no val split: val metrics measure 8 training images") == 1, res.stderr
+    assert "mark rows 'val' in a split column" in res.stderr
+    assert tags(vq)["val_split"] == "none: val metrics measure 8 training images"
+    res = invoke("quantize", "--vqvae-run-id", vq, "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--quantize-run-id", last_line(res.stdout), *TINY_GPT, "--val-every", "1")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("note: no val split: val metrics measure training grids") == 1, res.stderr
+    assert tags(last_line(res.stdout))["val_split"] == "none: val metrics measure training grids"
+    assert "val_split" not in tags(last_line(invoke("train-vqvae", "--manifest", make_image_set(tmp_path / "b"),
+                                                    *TINY_VQ, "--max-steps", "1").stdout))

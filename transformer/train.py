@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from core.checkpoint import load_weights
 from core.data import ResumableSampler
 from core.errors import UserError
-from core.health import check_val_loss
+from core.health import check_val_loss, note_no_val_split
 from core.images import grid_image
 from core.loop import TrainLoop, cosine_lr, step_optimizer, training_session
 from core.ema import WeightEMA
@@ -172,6 +172,10 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
             best = state.get("best") or best  # older checkpoints kept none
             step = state["step"]
         tokenizer = None
+        if rt.is_main and not len(data.codes["val"]):
+            note_no_val_split("training grids", f"quantize run {cfg.quantize_run_id} has none: mark rows 'val' in "
+                              "the manifest's split column (or raise train-vqvae's --val-fraction) and quantize "
+                              "again; generate's best-validation weights are those of the lowest training loss")
         if rt.is_main:
             tokenizer = load_tokenizer(get_run(cfg.quantize_run_id).data.tags["upstream_run_id"], rt.device)
             if state is None:

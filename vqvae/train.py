@@ -14,7 +14,7 @@ from core.checkpoint import load_weights
 from core.data import ImageDataset, SeededSampler, data_fingerprint, read_manifest_on_ranks, resolve_workers
 from core.ema import WeightEMA
 from core.errors import UserError
-from core.health import check_codebook, check_psnr
+from core.health import check_codebook, check_psnr, note_no_val_split
 from core.images import comparison_grid
 from core.loop import TrainLoop, cosine_lr, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options, note_unused
@@ -153,6 +153,10 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
         if val_df.empty:  # tiny datasets: validate on training images rather than not at all
             val_df = train_df.iloc[: cfg.batch_size * cfg.val_batches]
+            if rt.is_main:
+                note_no_val_split(f"{len(val_df)} training images", f"the manifest's split column, or --val-fraction "
+                                  f"{cfg.val_fraction} of its {len(train_df)} images, put none there: mark rows "
+                                  "'val' in a split column, or raise --val-fraction")
         if rt.is_main and state is None:
             log_manifest(df, str(cfg.manifest), "training")
             mlflow.set_tag("data_fingerprint", data_fingerprint(cfg.manifest))  # what pipeline reuse is keyed on
