@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -184,3 +185,25 @@ def test_reuse_is_keyed_on_the_data_not_the_manifest_path(tracking_dir, dataset,
     changed, actions = pipeline(*args, experiment="pipeline-data")
     assert set(actions.values()) == {"ran"}  # the tokenizer onwards: a stale tokenizer is not reused
     assert not set(changed.values()) & set(first.values())
+
+
+def test_files_in_a_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    """A config file names its manifest relative to itself, or under ``~``, which no shell expands in a file (nor in
+    ``--set stage.key=~/...``): either way the pipeline finds it from whichever folder it runs in."""
+    from workflows.pipeline import parse_set_options, read_config_file
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "conf").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (project / "conf" / "p.toml").write_text('[vqvae]\nmanifest = "../data/m.csv"\n[generate]\ncontext-image = '
+                                             '"~/cat.png"\n')
+    settings = read_config_file(project / "conf" / "p.toml")
+    assert Path(settings["vqvae"]["manifest"]).resolve() == project / "data" / "m.csv"
+    assert settings["generate"]["context_image"] == str(tmp_path / "home" / "cat.png")
+    (project / "conf" / "p.yaml").write_text(f"vqvae:\n  manifest: {project / 'data' / 'm.csv'}\n")
+    assert read_config_file(project / "conf" / "p.yaml")["vqvae"]["manifest"] == str(project / "data" / "m.csv")
+    settings = parse_set_options(("vqvae.manifest=~/m.csv", "generate.context-image=cat.png"))
+    assert settings == {"vqvae": {"manifest": str(tmp_path / "home" / "m.csv")},
+                        "generate": {"context_image": str(tmp_path / "cat.png")}}

@@ -33,7 +33,7 @@ from vqvae.decode import DecodeConfig, decode, decode_command
 from vqvae.quantize import QuantizeConfig, quantize, quantize_command
 from vqvae.train import train_vqvae, train_vqvae_command
 
-PATH_FIELDS = ("manifest", "context_image")  # made absolute: a run is reused only for the same file
+PATH_FIELDS = ("manifest", "context_image")  # files: made absolute, as a run is reused only for the same file
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,19 @@ def check_settings(raw: Any, source: str) -> Settings:
     return out
 
 
+def resolve_files(settings: Settings, base: Path) -> Settings:
+    """File options with ``~`` expanded (no shell sees a config file's values, nor ``--set x=~/...``) and a relative
+    path read from ``base``: the config file's folder, so that a config works from wherever it is run, or the
+    current folder for ``--set``."""
+    for values in settings.values():
+        for name in PATH_FIELDS:
+            if isinstance(values.get(name), str):
+                values[name] = str(base / Path(values[name]).expanduser())  # an absolute path stays as it is
+    return settings
+
+
 def read_config_file(path: Path) -> Settings:
-    """Settings from a .toml or .yaml/.yml file."""
+    """Settings from a .toml or .yaml/.yml file; files it names are relative to its folder."""
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
     try:
@@ -109,7 +120,7 @@ def read_config_file(path: Path) -> Settings:
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read config file {path}: {exc}") from None
-    return check_settings(raw, str(path))
+    return resolve_files(check_settings(raw, str(path)), path.resolve().parent)
 
 
 def parse_set_options(items: tuple[str, ...]) -> Settings:
@@ -121,7 +132,7 @@ def parse_set_options(items: tuple[str, ...]) -> Settings:
         if not eq or not dot or not name:
             raise UserError(f"--set expects STAGE.KEY=VALUE (e.g. train.max-steps=2000), got {item!r}")
         raw.setdefault(section, {})[name] = value
-    return check_settings(raw, "--set")
+    return resolve_files(check_settings(raw, "--set"), Path.cwd())
 
 
 def merge(*layers: Settings) -> Settings:
