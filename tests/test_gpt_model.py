@@ -1,10 +1,14 @@
 """GPT over code grids: the windowed mask, the relative-position bias, the KV cache and training."""
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_GPT, invoke
 from transformer.attention import attention_index, gather_bias, windowed_attention, window_rows_index
 from transformer.model import GPT, GPTConfig, position_index
 
@@ -436,3 +440,45 @@ def test_cuda_compiled_decode_equals_eager(window):
         for t in range(1, 37):
             out.append(model.decode_step(tokens[:, t], t - 1).clone())
     torch.testing.assert_close(torch.stack(out, 1), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_on_large_grids_says_what_attention_will_cost():
+    """Grids of a 256-px image at the default downsampling (64x64, 4,097 tokens) keep gigabytes of attention scores
+    per layer: the run says so before it starts, with options that cut it; the micro-batch it suggests fits and
+    keeps the batch. Small grids and the fused kernels (no bias) get no note."""
+    import dataclasses
+
+    from transformer.config import GPTTrainConfig
+    from transformer.train import SCORES_NOTE_BYTES, attention_memory_note
+
+    cfg = GPTTrainConfig(quantize_run_id="x")
+    assert attention_memory_note(cfg, (8, 8)) is None and attention_memory_note(cfg, (32, 32)) is None
+    assert attention_memory_note(dataclasses.replace(cfg, rel_bias=False), (64, 64)) is None
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c = dataclasses.replace(cfg, batch_size=int(rng.integers(1, 65)), grad_accum=int(rng.integers(1, 4)),
+                                n_layer=int(rng.integers(1, 9)), n_head=int(rng.choice([1, 2, 4, 8])),
+                                window_size=int(rng.choice([0, 0, 4, 8])), rel_bias=bool(rng.random() < 0.8))
+        grid = (int(rng.integers(4, 97)), int(rng.integers(4, 97)))
+        note = attention_memory_note(c, grid)
+        T = 1 + grid[0] * grid[1]
+        keys = min(T, c.window_size * (1 + grid[1])) if c.window_size else T
+        scores = c.n_layer * c.n_head * T * keys * 4
+        assert (note is not None) == ((c.rel_bias or c.window_size > 0) and c.batch_size * scores > SCORES_NOTE_BYTES)
+        if note and c.batch_size > 1:
+            b, k = (int(v) for v in re.search(r"--batch-size (\d+) --grad-accum (\d+)", note).groups())
+            assert b * k == c.batch_size * c.grad_accum and b < c.batch_size
+            assert b * scores <= SCORES_NOTE_BYTES or b == 1
+    note = attention_memory_note(cfg, (64, 64))
+    assert note.startswith("64x64 grids: 4,097 tokens a sequence; attention keeps 4,097x4,097 scores per head and "
+                           "sequence, ~8.0 GiB a layer at --batch-size 32, ~32 GiB for 4 layers")
+    assert "--no-rel-bias" in note
+
+
+def test_the_note_on_attention_memory_comes_before_the_run(quantize_run, monkeypatch):
+    import transformer.train
+
+    monkeypatch.setattr(transformer.train, "SCORES_NOTE_BYTES", 1)  # the tiny chain's grids count as large
+    res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("note: ") == 1 and "tokens a sequence; attention keeps" in res.stderr

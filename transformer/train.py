@@ -129,6 +129,40 @@ def log_samples(model: GPT, data: CodeData, tokenizer, step: int, seed: int) -> 
     log_step_image(grid_image(tokenizer.decode(codes).cpu(), nrow=4, captions=captions), "samples", step)
 
 
+SCORES_NOTE_BYTES = 4 * 2 ** 30  # a step's attention scores (every layer's) beyond which a run says how to shrink them
+
+
+def attention_memory_note(cfg: GPTTrainConfig, grid: tuple[int, int]) -> str | None:
+    """What a step's attention scores cost on these grids, when that is a lot, and the options that cut it; None
+    when it is small. With the relative-position bias, attention keeps a matrix of float32 scores per head and
+    sequence, T x T for full attention (on CPU, and as the gradient of CUDA's bias), T x w(1 + W) for a window,
+    for every layer until the backward pass. A 64x64 grid (a 256-px image at the default downsampling of 4) has
+    4,097 tokens: at the defaults ~8 GiB of scores per layer, and a CPU step peaked at 24 GB (12 GB with
+    --window-size 8, 6 GB with --no-rel-bias); beyond the machine's memory its out-of-memory killer ends the
+    process without a word, so the run says so before it starts."""
+    H, W = grid
+    T = 1 + H * W
+    if not cfg.window_size and not cfg.rel_bias:
+        return None  # the fused causal kernels: memory linear in the tokens
+    keys = min(T, cfg.window_size * (1 + W)) if cfg.window_size else T
+    per_layer = cfg.batch_size * cfg.n_head * T * keys * 4
+    if per_layer * cfg.n_layer <= SCORES_NOTE_BYTES:
+        return None
+    fits = SCORES_NOTE_BYTES // (cfg.n_layer * cfg.n_head * T * keys * 4)  # sequences a micro-batch may hold
+    b = cfg.batch_size
+    split = next((k for k in range(2, b + 1) if b % k == 0 and b // k <= fits), b)  # into equal micro-batches
+    fixes = [f"--batch-size {b // split} --grad-accum {cfg.grad_accum * split} (the same batch, in micro-batches)"
+             ] if b > 1 else []
+    if not cfg.window_size:
+        fixes += ["--no-rel-bias (fused attention kernels: memory linear in tokens)",
+                  "--window-size 8 (a local window)"]
+    fixes.append("a tokenizer that downsamples more (train-vqvae --ch-mult 1,1,2,2,4: 16x16 grids at 256 px)")
+    total = per_layer * cfg.n_layer / 2 ** 30
+    return (f"{H}x{W} grids: {T:,} tokens a sequence; attention keeps {T:,}x{keys:,} scores per head and sequence, "
+            f"~{per_layer / 2 ** 30:.1f} GiB a layer at --batch-size {b}, ~{total:.0f} GiB for {cfg.n_layer} layers; "
+            f"if the machine runs out of memory: {'; '.join(fixes)}")
+
+
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
                       tracking_uri: str | None = None, experiment: str | None = None,
                       register: str | None = None) -> str:
@@ -147,6 +181,9 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
     # on every rank: memory maps, nothing sent between ranks; read before the run exists, so a damaged quantize
     # run leaves no run behind
     data = CodeData.from_run(cfg.quantize_run_id)
+    note = attention_memory_note(cfg, tuple(data.vocab.grid_shape))
+    if note and rt.is_main:
+        click.echo(f"note: {note}", err=True)
     with stage_run("transformer", cfg, upstream_run_id=cfg.quantize_run_id, upstream_stage="quantize",
                    resume_run_id=resume_run_id, enabled=rt.is_main,
                    name=(f"w{cfg.window_size}" if cfg.window_size else "full", f"L{cfg.n_layer}")) as run:
