@@ -470,8 +470,8 @@ def test_a_run_on_large_grids_says_what_attention_will_cost():
             assert b * k == c.batch_size * c.grad_accum and b < c.batch_size
             assert b * scores <= SCORES_NOTE_BYTES or b == 1
     note = attention_memory_note(cfg, (64, 64))
-    assert note.startswith("64x64 grids: 4,097 tokens a sequence; attention keeps 4,097x4,097 scores per head and "
-                           "sequence, ~8.0 GiB a layer at --batch-size 32, ~32 GiB for 4 layers")
+    assert note.startswith("64x64 grids: 4,097 tokens a sequence; attention computes 4,097x4,097 scores per head "
+                           "and sequence, ~8.0 GiB a layer at --batch-size 32")
     assert "--no-rel-bias" in note
 
 
@@ -481,4 +481,4 @@ def test_the_note_on_attention_memory_comes_before_the_run(quantize_run, monkeyp
     monkeypatch.setattr(transformer.train, "SCORES_NOTE_BYTES", 1)  # the tiny chain's grids count as large
     res = invoke("train", "--quantize-run-id", quantize_run, *TINY_GPT)
     assert res.exit_code == 0, res.output
-    assert res.stderr.count("note: ") == 1 and "tokens a sequence; attention keeps" in res.stderr
+    assert res.stderr.count("note: ") == 1 and "tokens a sequence; attention computes" in res.stderr

@@ -134,12 +134,12 @@ SCORES_NOTE_BYTES = 4 * 2 ** 30  # a step's attention scores (every layer's) bey
 
 def attention_memory_note(cfg: GPTTrainConfig, grid: tuple[int, int]) -> str | None:
     """What a step's attention scores cost on these grids, when that is a lot, and the options that cut it; None
-    when it is small. With the relative-position bias, attention keeps a matrix of float32 scores per head and
-    sequence, T x T for full attention (on CPU, and as the gradient of CUDA's bias), T x w(1 + W) for a window,
-    for every layer until the backward pass. A 64x64 grid (a 256-px image at the default downsampling of 4) has
-    4,097 tokens: at the defaults ~8 GiB of scores per layer, and a CPU step peaked at 24 GB (12 GB with
-    --window-size 8, 6 GB with --no-rel-bias); beyond the machine's memory its out-of-memory killer ends the
-    process without a word, so the run says so before it starts."""
+    when it is small. With the relative-position bias, attention computes a matrix of float32 scores per head and
+    sequence, T x T for full attention (on CPU, and as the gradient of CUDA's bias), T x w(1 + W) for a window. A
+    64x64 grid (a 256-px image at the default downsampling of 4) has 4,097 tokens: at the defaults ~8 GiB of scores
+    per layer, and a CPU step peaked at 24 GB (12 GB with --window-size 8, 6 GB with --no-rel-bias;
+    docs/benchmarks.md); beyond the machine's memory its out-of-memory killer ends the process without a word, so
+    the run says so before it starts. The threshold counts every layer's scores: a rough bound, not a forecast."""
     H, W = grid
     T = 1 + H * W
     if not cfg.window_size and not cfg.rel_bias:
@@ -157,10 +157,9 @@ def attention_memory_note(cfg: GPTTrainConfig, grid: tuple[int, int]) -> str | N
         fixes += ["--no-rel-bias (fused attention kernels: memory linear in tokens)",
                   "--window-size 8 (a local window)"]
     fixes.append("a tokenizer that downsamples more (train-vqvae --ch-mult 1,1,2,2,4: 16x16 grids at 256 px)")
-    total = per_layer * cfg.n_layer / 2 ** 30
-    return (f"{H}x{W} grids: {T:,} tokens a sequence; attention keeps {T:,}x{keys:,} scores per head and sequence, "
-            f"~{per_layer / 2 ** 30:.1f} GiB a layer at --batch-size {b}, ~{total:.0f} GiB for {cfg.n_layer} layers; "
-            f"if the machine runs out of memory: {'; '.join(fixes)}")
+    return (f"{H}x{W} grids: {T:,} tokens a sequence; attention computes {T:,}x{keys:,} scores per head and "
+            f"sequence, ~{per_layer / 2 ** 30:.1f} GiB a layer at --batch-size {b} (the defaults peaked at 24 GB on "
+            f"64x64 grids on a CPU); if the machine runs out of memory: {'; '.join(fixes)}")
 
 
 def train_transformer(cfg: GPTTrainConfig, resume_run_id: str | None = None, overrides: dict | None = None,
