@@ -213,6 +213,18 @@ def get_run(run_id: str, stage: str | None = None):
     return run
 
 
+def check_resumed_data(run_id: str, manifest: str | Path, restart: str) -> None:
+    """``--resume`` continues a run on the data it started on: a manifest whose images changed since (added,
+    removed or edited files) would leave a quantize run's codes out of step with its index, and a training run
+    tagged with data it did not train on (pipelines reuse runs by that tag). ``restart``: what to do instead."""
+    from core.data import data_fingerprint
+
+    started = get_run(run_id).data.tags.get("data_fingerprint")
+    if started and started != data_fingerprint(manifest):
+        raise UserError(f"the images of manifest {manifest} changed since run {run_id} started (files added, "
+                        f"removed or edited); --resume continues a run only on its own data: {restart}")
+
+
 def code_version() -> str:
     """Git commit of this checkout (with '+dirty' for local changes), else the package version."""
     here = Path(__file__).resolve().parent.parent

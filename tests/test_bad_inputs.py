@@ -299,3 +299,33 @@ def test_16_bit_png_trains(tmp_path):
     (tmp_path / "m.csv").write_text("image_path\n" + "".join(f"img/{i}.png\n" for i in range(8)))
     res = invoke("train-vqvae", "--manifest", tmp_path / "m.csv", *VQ_ONE_STEP)
     assert res.exit_code == 0, res.output
+
+
+def test_resume_after_the_images_changed(chain, tmp_path):
+    """--resume continues a run on the data it started on. Images edited, added or removed since would leave a
+    resumed quantize run's codes out of step with its index, and a tokenizer tagged with data it did not train on:
+    one line saying what changed and what to run instead, before anything is written."""
+    import dataclasses
+
+    from vqvae.quantize import QuantizeConfig, save_progress, work_folder
+
+    manifest = make_image_set(tmp_path / "data", n=12)
+    res = invoke("train-vqvae", "--manifest", manifest, *VQ_ONE_STEP)
+    assert res.exit_code == 0, res.output
+    vq = last_line(res.stdout)
+    res = invoke("quantize", "--vqvae-run-id", chain["vq"], "--manifest", manifest, "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    q = last_line(res.stdout)
+    # as if killed half way: the progress marker a quantize run keeps until it finishes
+    work = work_folder(q)
+    save_progress(work, {"config": dataclasses.asdict(QuantizeConfig(vqvae_run_id=chain["vq"],
+                                                                     manifest=str(manifest))),
+                         "done": {"train": 3, "val": 0}})
+    image = next((tmp_path / "data" / "img").iterdir())
+    Image.open(image).rotate(90).save(image)  # edited in place: same name, other pixels
+    changed = f"the images of manifest {manifest} changed since run"
+    fails("train-vqvae", "--resume", vq, "--max-steps", "2",
+          expect=f"{changed} {vq} started (files added, removed or edited); --resume continues a run only on its "
+                 f"own data: train again without --resume, or with --init-from {vq} to start from its weights")
+    fails("quantize", "--resume", q, "--num-workers", "0", expect=f"{changed} {q} started")
+    assert (work / "progress.json").is_file()  # the work folder is left as it was

@@ -27,8 +27,8 @@ from core.data import SPLITS, ImageDataset, cache_dir, data_fingerprint, read_ma
 from core.errors import UserError
 from core.options import WORKERS_HELP, Config, build_config, config_options, opt
 from core.runtime import broadcast_from_main, gather_rows, release_free_memory, setup_runtime, teardown
-from core.tracking import (connect, data_name, get_run, log_manifest, resolve_run_ids, run_name_option,
-                           stage_run, with_tracking_options)
+from core.tracking import (check_resumed_data, connect, data_name, get_run, log_manifest, resolve_run_ids,
+                           run_name_option, stage_run, with_tracking_options)
 from vqvae.codegrids import CodeGrids
 from vqvae.tokenizer import Tokenizer, load_tokenizer
 
@@ -189,6 +189,8 @@ def _quantize(rt, cfg: QuantizeConfig, tracking_uri: str | None, experiment: str
         raise UserError(f"the tokenizer's manifest {manifest} no longer exists; pass --manifest")
     if rt.is_main:
         cache_dir("quantize")  # where the codes will grow: a folder that cannot be made fails before the run
+        if resume_run_id:
+            check_resumed_data(resume_run_id, manifest, "quantize again without --resume")
     df, skipped = read_manifest_on_ranks(rt, manifest, tok.val_fraction, cfg.skip_bad_images, cfg.verify)
     with stage_run("quantize", cfg, upstream_run_id=cfg.vqvae_run_id, upstream_stage="vqvae",
                    resume_run_id=resume_run_id, enabled=rt.is_main,

@@ -19,7 +19,8 @@ from core.images import comparison_grid
 from core.loop import TrainLoop, cosine_lr, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options, note_unused
 from core.runtime import Runtime, average_gradients, fused_adam
-from core.tracking import data_name, log_manifest, log_step_image, run_name_option, stage_run, with_tracking_options
+from core.tracking import (check_resumed_data, data_name, log_manifest, log_step_image, run_name_option, stage_run,
+                           with_tracking_options)
 from core.weights import log_model_weights
 from vqvae.config import VQConfig
 from vqvae.losses import VQGANLoss, fetch_vgg16
@@ -148,6 +149,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
     # every image is opened and verified once, by rank 0 (and cached per manifest content), before the run exists
     # (a bad manifest leaves no run); the other ranks read the manifest themselves and drop the rows rank 0 found bad
     df, skipped = read_manifest_on_ranks(rt, cfg.manifest, cfg.val_fraction, cfg.skip_bad_images)
+    if resume_run_id:  # every rank: the same answer, so all of them stop together
+        check_resumed_data(resume_run_id, cfg.manifest, "train again without --resume, or with --init-from "
+                           f"{resume_run_id} to start from its weights")
     with stage_run("vqvae", cfg, resume_run_id=resume_run_id, enabled=rt.is_main,
                    name=(f"{cfg.image_size}px", codes), data=data_name(cfg.manifest) if cfg.manifest else None) as run:
         train_df, val_df = df[df.split == "train"], df[df.split == "val"]
