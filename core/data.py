@@ -74,12 +74,15 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     if df.empty:
         raise UserError(f"manifest {path} lists no images")
     resolved = resolve_paths(path, df["image_path"])
-    # one file written two ways ("a.png", "./a.png"; two CSVs joined) is a duplicate too: it would be trained on
-    # twice, and could land in both splits (the split hashes the path as written)
-    dup = pd.Series(resolved).duplicated()
+    # one path written two ways ("a.png", "./a.png", absolute; two CSVs joined) is a duplicate too: it would be
+    # trained on twice, and could land in both splits (the split hashes the path as written). Compared as written,
+    # not through symlinks: a link to an image under another class folder is that class's image as well.
+    base = path.resolve().parent
+    named = [os.path.normpath(base / as_written_here(base, p)) for p in df["image_path"]]
+    dup = pd.Series(named).duplicated()
     if dup.any():
         first = df["image_path"][dup.values].iloc[0]
-        again = df["image_path"][[p == resolved[int(dup.values.argmax())] for p in resolved]].tolist()
+        again = df["image_path"][[p == named[int(dup.values.argmax())] for p in named]].tolist()
         written = f"{first}" if len(set(again)) == 1 else " and ".join(dict.fromkeys(again))
         raise UserError(f"manifest {path} lists {int(dup.sum())} duplicate image paths (first: {written}); "
                         "remove the repeated rows")
@@ -128,17 +131,18 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
 
 
 def resolve_paths(manifest: str | Path, written: Iterable[str]) -> list[str]:
-    """A manifest's image paths as written (absolute, or relative to the manifest's folder) made absolute. A
-    relative path written with Windows' backslashes (``cats\\01.png``, a manifest made on Windows and used here)
-    names the file it means where no file has the backslashes in its name."""
+    """A manifest's image paths as written (absolute, or relative to the manifest's folder; `as_written_here`)
+    made absolute."""
     base = Path(manifest).resolve().parent
+    return [str((base / as_written_here(base, p)).resolve()) for p in written]  # an absolute p stays itself
 
-    def resolve(p: str) -> str:
-        if "\\" in p and os.sep == "/" and not Path(p).is_absolute() and not (base / p).exists():
-            p = p.replace("\\", "/")
-        return str(p if Path(p).is_absolute() else (base / p).resolve())
 
-    return [resolve(p) for p in written]
+def as_written_here(base: Path, path: str) -> str:
+    """A manifest's path as this machine names it: a relative path written with Windows' backslashes
+    (``cats\\01.png``, a manifest made on Windows) with slashes, where no file has the backslashes in its name."""
+    if "\\" in path and os.sep == "/" and not Path(path).is_absolute() and not (base / path).exists():
+        return path.replace("\\", "/")
+    return path
 
 
 def cache_dir(*parts: str) -> Path:
