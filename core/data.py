@@ -114,6 +114,9 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
                 raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; relative paths are "
                                 f"read from the manifest's folder {path.resolve().parent}, but {key} exists from "
                                 "the current folder: write the paths relative to the manifest, or absolute")
+            if reason == "missing" and re.match(r"^[a-z][a-z0-9+.-]*://", key, re.I):
+                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {key} is a URL, "
+                                "and images are read from files: download them and list their paths")
             if reason == "missing" and re.match(r"^([A-Za-z]:)?\\\\|^[A-Za-z]:[\\/]", key) and os.sep == "/":
                 raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {key} is a Windows "
                                 "path: write the paths relative to the manifest's folder (with / or \\), or as "
@@ -138,8 +141,10 @@ def resolve_paths(manifest: str | Path, written: Iterable[str]) -> list[str]:
 
 
 def as_written_here(base: Path, path: str) -> str:
-    """A manifest's path as this machine names it: a relative path written with Windows' backslashes
-    (``cats\\01.png``, a manifest made on Windows) with slashes, where no file has the backslashes in its name."""
+    """A manifest's path as this machine names it: ``~`` expanded, and a relative path written with Windows'
+    backslashes (``cats\\01.png``, a manifest made on Windows) with slashes, where no file has that literal name."""
+    if path.startswith("~") and not (base / path).exists():
+        return os.path.expanduser(path)  # no shell expanded it: "~/photos/a.jpg" typed into a spreadsheet
     if "\\" in path and os.sep == "/" and not Path(path).is_absolute() and not (base / path).exists():
         return path.replace("\\", "/")
     return path

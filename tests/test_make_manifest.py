@@ -526,3 +526,17 @@ def test_one_file_written_two_ways_is_a_duplicate(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text(f"image_path\na.png\nb.png\n./a.png\n{tmp_path / 'b.png'}\n")
     with pytest.raises(UserError, match=r"lists 2 duplicate image paths \(first: a\.png and \./a\.png\)"):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_paths_under_home_and_urls(tmp_path: Path, monkeypatch) -> None:
+    """A path typed as "~/photos/a.png" (no shell expands a CSV) names the file under the home folder; a URL (a
+    dataset's CSV of links) is not downloaded, and the error says so."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "photos").mkdir(parents=True)
+    rgb(0).save(tmp_path / "home" / "photos" / "a.png")
+    (tmp_path / "m.csv").write_text("image_path\n~/photos/a.png\n")
+    df, _ = read_manifest(tmp_path / "m.csv")
+    assert df.image_path.tolist() == [str(tmp_path / "home" / "photos" / "a.png")]
+    (tmp_path / "m.csv").write_text("image_path\nhttps://example.com/cat.jpg\n~/photos/a.png\n")
+    with pytest.raises(UserError, match=r"https://example\.com/cat\.jpg is a URL, and images are read from files"):
+        read_manifest(tmp_path / "m.csv")
