@@ -177,3 +177,23 @@ def test_bad_input(chain, tmp_path):
     failed = mlflow.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("taming").experiment_id], "attributes.status = 'FAILED'")
     assert not [r for r in failed if r.info.start_time >= t0]  # caught before a run is created: none FAILED
+
+
+def test_the_python_tokenizer_says_what_images_it_takes(chain):
+    """From Python a user passes what they have: uint8 pixels, one image without its batch axis, a size the
+    tokenizer cannot divide. Each is one error saying what encode takes and how to make it."""
+    from core.errors import UserError
+    from vqvae.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(chain["vqvae"])
+    f = tok.downsample_factor
+    for images, message in ((torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "must be floats in \\[-1, 1\\], got "
+                             "torch.uint8"),
+                            (torch.zeros(3, 16, 16),
+                             "must be a \\(batch, 3, height, width\\) tensor, got \\(3, 16, 16\\)"),
+                            (torch.zeros(1, 16, 16, 3), "got \\(1, 16, 16, 3\\)"),
+                            (np.zeros((1, 3, 16, 16)), "tensor, got ndarray"),
+                            (torch.zeros(1, 3, 16, 16 + f // 2), f"multiples of its downsampling factor {f}")):
+        with pytest.raises(UserError, match=message):
+            tok.encode(images)
+    assert tok.encode(torch.zeros(2, 3, 16, 16)).shape == (2, *tok.grid_shape)

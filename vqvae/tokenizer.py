@@ -50,7 +50,24 @@ class Tokenizer:
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) floats in [-1, 1] (`core.images.to_input` of each image), H and W multiples of the
+        downsampling factor -> (B, H/f, W/f) code ids."""
+        self.check_images(images)
         return self.model.encode_to_indices(images.to(self.device, non_blocking=True))
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """What `encode` takes, checked from the shape and dtype alone (no pass over the values: no device sync)."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise UserError(f"images must be a (batch, 3, height, width) tensor, got {shape}; "
+                            "core.images.load_rgb and to_input make one image's (3, H, W)")
+        if not images.dtype.is_floating_point:
+            raise UserError(f"images must be floats in [-1, 1], got {images.dtype} (uint8 pixels: x / 127.5 - 1, "
+                            "or core.images.to_input)")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise UserError(f"images are {images.shape[2]}x{images.shape[3]}, but this tokenizer needs sides that are "
+                            f"multiples of its downsampling factor {f} (core.images.center_square crops to a size)")
 
     @torch.inference_mode()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
