@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from core.errors import UserError
 from core.images import center_square, check_image, load_rgb, to_input
+from core.runtime import usable_cores
 
 SPLITS = ("train", "val")
 VERIFY_CHUNK = 1024  # images checked per batch of thread-pool tasks
@@ -276,9 +277,9 @@ def resolve_workers(requested: int | None) -> int:
 
 def default_num_workers() -> int:
     """DataLoader workers when ``--num-workers`` is not given: this process's share of the CPU cores it may use
-    (torchrun's ``LOCAL_WORLD_SIZE`` processes share the machine), less one for the training loop, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    (`usable_cores`: a container's CPU quota counts; torchrun's ``LOCAL_WORLD_SIZE`` processes share the machine),
+    less one for the training loop, at most 8."""
+    return max(0, min(8, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def sample_seed(seed: int, rank: int, position: int) -> int:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,33 @@ class Runtime:
         seed_everything(int(np.random.SeedSequence([seed, step, self.rank]).generate_state(1, np.uint64)[0] >> 1))
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota(root: Path | None = None) -> float | None:
+    """CPUs the container's quota allows (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` / period, under
+    ``root``, default `CGROUP`); None where there is no quota."""
+    root = root or CGROUP
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int((root / "cpu" / f"cpu.cfs_{name}_us").read_text()) for name in ("quota", "period"))
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use: its affinity, capped by its container's CPU quota, which neither
+    ``os.cpu_count()`` nor the affinity shows (a pod limited to 2 CPUs on a 64-core host sees 64 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
 def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) -> Runtime:
     """Resolve ``--device``/``--precision``, join a torchrun process group if launched by one, seed RNGs.
 
@@ -80,6 +109,9 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", seed: int = 0) 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     use_cuda = dev.type == "cuda"
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cores():
+        # torch starts a thread per core it sees: under a CPU quota, dozens of threads share two CPUs' time
+        torch.set_num_threads(usable_cores())
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     seed_everything(seed)

@@ -347,3 +347,38 @@ def test_exported_model_holds_the_weight_average(tracking_dir, dataset):
     average = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     w = "encoder.conv_in.weight"
     assert torch.equal(exported[w], average[w]) and not torch.equal(exported[w], ckpt["model"][w])
+
+
+@pytest.mark.parametrize("files,quota", [({"cpu.max": "200000 100000\n"}, 2.0), ({"cpu.max": "max 100000\n"}, None),
+                                         ({"cpu.max": "150000 100000\n"}, 1.5),
+                                         ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"},
+                                          3.0),
+                                         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+                                         ({}, None), ({"cpu.max": "garbage"}, None)])
+def test_a_containers_cpu_quota_caps_workers_and_threads(tmp_path, monkeypatch, files, quota):
+    """A pod limited to 2 CPUs on a 64-core host sees 64 cores through os.cpu_count() and its affinity: DataLoader
+    workers and torch's threads sized from that share two CPUs' time. The quota (cgroup v2 cpu.max, v1
+    cfs_quota/period) caps both; without one, the affinity stands."""
+    import os
+
+    import core.runtime
+    from core.data import default_num_workers
+    from core.runtime import cgroup_cpu_quota, setup_runtime, usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    monkeypatch.setattr(core.runtime, "CGROUP", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    expected = -(-int(quota * 10) // 10) if quota else 64
+    assert usable_cores() == expected and default_num_workers() == min(8, expected - 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(64)
+        setup_runtime("cpu")
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)
