@@ -225,12 +225,14 @@ def test_quality_conditional_averages_transformers_of_one_tokenizer(tmp_path, mo
     assert bad.returncode == 2 and "at least 1" in bad.stderr
 
 
-def test_image_decode_quick():
-    """The loader's scaled JPEG decoding gives the crops a full decode gives (same place, same flip; the pixels
-    within the rounding of libjpeg's scaled transform), at every training resolution."""
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_image_decode_quick(fmt):
+    """The loader's scaled JPEG decoding, and its whole-factor reduction of a PNG, give the crops a full decode
+    gives (same place, same flip; the pixels within the rounding of libjpeg's scaled transform or of the
+    reduction), at every training resolution."""
     import importlib.util
 
-    out = run("image_decode.py")
+    out = run("image_decode.py", "--format", fmt)
     rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+\d+\.\d+\s+\d+\.\d+\s+(\S+)\s+\d+\.\d+x\s+(\S+) dB$", out, re.M)
     assert [size for size, *_ in rows] == ["32", "256", "512"], out
     assert all(float(psnr) > 35 for *_, psnr in rows), out
