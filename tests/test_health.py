@@ -135,3 +135,21 @@ def test_a_run_without_a_val_split_says_what_its_val_metrics_measure(tracking_di
     assert tags(last_line(res.stdout))["val_split"] == "none: val metrics measure training grids"
     assert "val_split" not in tags(last_line(invoke("train-vqvae", "--manifest", make_image_set(tmp_path / "b"),
                                                     *TINY_VQ, "--max-steps", "1").stdout))
+
+
+def test_images_smaller_than_the_training_size_are_named(tracking_dir, dataset):
+    """20-px images trained at 32 px are upscaled: the tokenizer learns blur. The run says so before training, from
+    a sample of headers, with the size that fits them; at 16 px it says nothing."""
+    from vqvae.train import small_images_note
+
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--image-size", "32", "--max-steps", "1")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("training images sampled are smaller") == 1, res.stderr
+    assert ("note: 20 of 20 training images sampled are smaller than --image-size 32 on their shorter side (median "
+            "20 px): they are upscaled, which the tokenizer learns as blur; train at --image-size 20") in res.stderr
+    res = invoke("train-vqvae", "--manifest", dataset, *TINY_VQ, "--max-steps", "1")
+    assert res.exit_code == 0 and "are smaller than --image-size" not in res.stderr, res.output
+    paths = [str(p) for p in sorted((dataset.parent / "img").iterdir())]
+    assert small_images_note(paths, 24, 8).endswith("--image-size 16, or on larger images")
+    assert small_images_note(paths[:3] + ["missing.png"] * 20, 24, 4) is not None  # unreadable files left out
+    assert small_images_note(["missing.png"], 24, 4) is None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -15,7 +16,7 @@ from core.data import ImageDataset, SeededSampler, data_fingerprint, read_manife
 from core.ema import WeightEMA
 from core.errors import UserError
 from core.health import check_codebook, check_psnr, note_no_val_split
-from core.images import comparison_grid
+from core.images import comparison_grid, shorter_sides
 from core.loop import TrainLoop, cosine_lr, ignore_stop_signals, step_optimizer, training_session
 from core.options import build_config, config_options, explicit_options, note_unused
 from core.runtime import Runtime, average_gradients, fused_adam
@@ -137,6 +138,21 @@ def compile_autoencoder(net: torch.nn.Module, model: VQModel) -> torch.nn.Module
     return torch.compile(net)
 
 
+def small_images_note(paths: list[str], size: int, factor: int) -> str | None:
+    """When a quarter or more of a sample of the training images is smaller than ``size`` on its shorter side:
+    they are upscaled to it, which the tokenizer learns as blur, at the cost of the larger size. Says so with the
+    largest size that fits them (a multiple of the downsampling ``factor``); None otherwise."""
+    sides = shorter_sides(paths)
+    small = [s for s in sides if s < size]
+    if not sides or len(small) * 4 < len(sides):
+        return None
+    median = int(np.median(sides))
+    fit = max(factor, median // factor * factor)
+    return (f"{len(small)} of {len(sides)} training images sampled are smaller than --image-size {size} on their "
+            f"shorter side (median {median} px): they are upscaled, which the tokenizer learns as blur; train at "
+            f"--image-size {fit}, or on larger images")
+
+
 def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, resume_run_id: str | None,
            init: dict | None = None, register: str | None = None) -> str:
     import mlflow
@@ -162,6 +178,9 @@ def _train(rt: Runtime, cfg: VQConfig, state: dict | None, slot: str | None, res
                                   f"{cfg.val_fraction} of its {len(train_df)} images, put none there: mark rows "
                                   "'val' in a split column, or raise --val-fraction")
         if rt.is_main and state is None:
+            note = small_images_note(train_df.image_path.tolist(), cfg.image_size, cfg.downsample_factor)
+            if note:
+                click.echo(f"note: {note}", err=True)
             log_manifest(df, str(cfg.manifest), "training")
             mlflow.set_tag("data_fingerprint", data_fingerprint(cfg.manifest))  # what pipeline reuse is keyed on
             mlflow.log_metrics({"data/train_images": len(train_df), "data/val_images": len(val_df),
