@@ -74,12 +74,12 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     df = df[df["image_path"].str.strip() != ""].reset_index(drop=True)
     if df.empty:
         raise UserError(f"manifest {path} lists no images")
-    resolved = resolve_paths(path, df["image_path"])
+    base = path.resolve().parent
+    here = [as_written_here(base, p) for p in df["image_path"]]
     # one path written two ways ("a.png", "./a.png", absolute; two CSVs joined) is a duplicate too: it would be
     # trained on twice, and could land in both splits (the split hashes the path as written). Compared as written,
     # not through symlinks: a link to an image under another class folder is that class's image as well.
-    base = path.resolve().parent
-    named = [os.path.normpath(base / as_written_here(base, p)) for p in df["image_path"]]
+    named = [os.path.normpath(base / p) for p in here]
     dup = pd.Series(named).duplicated()
     if dup.any():
         first = df["image_path"][dup.values].iloc[0]
@@ -89,7 +89,7 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
                         "remove the repeated rows")
     out = pd.DataFrame({
         "key": df["image_path"],
-        "image_path": resolved,
+        "image_path": resolve_paths(path, here),  # as_written_here again: a no-op on its own output
         # NFC: macOS names files (and so make-manifest's folder labels) in decomposed Unicode, people type composed
         # characters; "dögs" either way is one class
         "label": (df["label"].astype(str).str.strip().str.normalize("NFC").replace("", pd.NA)
@@ -110,18 +110,9 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
         if bad and not skip_bad_images:
             first = "; ".join(f"{p} ({r})" for p, r in bad[:3])
             key, reason = bad[0]
-            if reason == "missing" and not Path(key).is_absolute() and Path(key).is_file():
-                # written relative to where the user runs commands, not to the manifest
-                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; relative paths are "
-                                f"read from the manifest's folder {path.resolve().parent}, but {key} exists from "
-                                "the current folder: write the paths relative to the manifest, or absolute")
-            if reason == "missing" and re.match(r"^[a-z][a-z0-9+.-]*://", key, re.I):
-                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {key} is a URL, "
-                                "and images are read from files: download them and list their paths")
-            if reason == "missing" and re.match(r"^([A-Za-z]:)?\\\\|^[A-Za-z]:[\\/]", key) and os.sep == "/":
-                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {key} is a Windows "
-                                "path: write the paths relative to the manifest's folder (with / or \\), or as "
-                                "they are on this machine")
+            why = missing_because(key, base) if reason == "missing" else None
+            if why:
+                raise UserError(f"{len(bad)} of {len(out)} images are missing, first: {first}; {why}")
             raise UserError(f"{len(bad)} of {len(out)} images are missing or unusable, first: {first}; "
                             "fix the manifest or pass --skip-bad-images")
         if bad:
@@ -132,6 +123,19 @@ def read_manifest(path: str | Path, val_fraction: float = 0.1, skip_bad_images: 
     if not (out["split"] == "train").any():
         raise UserError(f"manifest {path} has no training images (every row is split 'val')")
     return out, skipped
+
+
+def missing_because(key: str, base: Path) -> str | None:
+    """Why a manifest's path as written finds no file, when the way it is written tells, with the fix."""
+    if not Path(key).is_absolute() and Path(key).is_file():  # relative to where the user runs commands
+        return (f"relative paths are read from the manifest's folder {base}, but {key} exists from the current "
+                "folder: write the paths relative to the manifest, or absolute")
+    if re.match(r"^[a-z][a-z0-9+.-]*://", key, re.I):
+        return f"{key} is a URL, and images are read from files: download them and list their paths"
+    if re.match(r"^([A-Za-z]:)?\\\\|^[A-Za-z]:[\\/]", key) and os.sep == "/":
+        return (f"{key} is a Windows path: write the paths relative to the manifest's folder (with / or \\), or as "
+                "they are on this machine")
+    return None
 
 
 def resolve_paths(manifest: str | Path, written: Iterable[str]) -> list[str]:

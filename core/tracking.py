@@ -104,15 +104,18 @@ def connect(tracking_uri: str | None, experiment: str | None = DEFAULT_EXPERIMEN
         raise UserError(f"cannot use MLflow tracking store {uri}: {_first_line(exc)}") from None
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (query options dropped); None for other stores."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 def _sqlite_setup_lock(uri: str) -> contextlib.AbstractContextManager:
     """A lock held while MLflow opens a SQLite store: MLflow creates a new database's tables and migrates an old
     one's in steps that two processes must not take at once (two commands started together on a fresh
     ``mlflow.db``, e.g. a job array or two terminals, otherwise fail with "table ... already exists"). The lock
     is a hidden file beside the database; other stores need none."""
-    if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if not db.parent.is_dir():
+    db = sqlite_file(uri)
+    if db is None or not db.parent.is_dir():
         return contextlib.nullcontext()  # MLflow's own error names the missing folder
     from filelock import FileLock
 
@@ -123,9 +126,9 @@ def _check_store_holds_runs(uri: str) -> None:
     """A command given a run (``--*-run-id``, ``--resume``, ``--init-from``) and pointed at a SQLite store that
     does not exist was run from another folder than the stage it names: say so, rather than create an empty
     ``mlflow.db`` here and then report the run as not found."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     ctx = click.get_current_context(silent=True)
     named = [(param.opts[0], ctx.params.get(param.name)) for param in (ctx.command.params if ctx else ())
              if param.name.endswith("run_id") or param.name == "init_from"]

@@ -145,11 +145,11 @@ def attention_memory_note(cfg: GPTTrainConfig, grid: tuple[int, int]) -> str | N
     if not cfg.window_size and not cfg.rel_bias:
         return None  # the fused causal kernels: memory linear in the tokens
     keys = min(T, cfg.window_size * (1 + W)) if cfg.window_size else T
-    per_layer = cfg.batch_size * cfg.n_head * T * keys * 4
+    b, per_sequence = cfg.batch_size, cfg.n_head * T * keys * 4  # one layer's float32 scores for one sequence
+    per_layer = b * per_sequence
     if per_layer * cfg.n_layer <= SCORES_NOTE_BYTES:
         return None
-    fits = SCORES_NOTE_BYTES // (cfg.n_layer * cfg.n_head * T * keys * 4)  # sequences a micro-batch may hold
-    b = cfg.batch_size
+    fits = SCORES_NOTE_BYTES // (cfg.n_layer * per_sequence)  # sequences a micro-batch may hold
     split = next((k for k in range(2, b + 1) if b % k == 0 and b // k <= fits), b)  # into equal micro-batches
     fixes = [f"--batch-size {b // split} --grad-accum {cfg.grad_accum * split} (the same batch, in micro-batches)"
              ] if b > 1 else []
@@ -208,11 +208,12 @@ def _train(rt: Runtime, cfg: GPTTrainConfig, state: dict | None, slot: str | Non
             best = state.get("best") or best  # older checkpoints kept none
             step = state["step"]
         tokenizer = None
-        if rt.is_main and not len(data.codes["val"]):
-            note_no_val_split("training grids", f"quantize run {cfg.quantize_run_id} has none: mark rows 'val' in "
-                              "the manifest's split column (or raise train-vqvae's --val-fraction) and quantize "
-                              "again; generate's best-validation weights are those of the lowest training loss")
         if rt.is_main:
+            if not len(data.codes["val"]):
+                note_no_val_split("training grids", f"quantize run {cfg.quantize_run_id} has none: mark rows 'val' "
+                                  "in the manifest's split column (or raise train-vqvae's --val-fraction) and "
+                                  "quantize again; generate's best-validation weights are those of the lowest "
+                                  "training loss")
             tokenizer = load_tokenizer(get_run(cfg.quantize_run_id).data.tags["upstream_run_id"], rt.device)
             if state is None:
                 mlflow.log_params({"num_classes": vocab.num_classes, "codebook_size": vocab.codebook_size,
